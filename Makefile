@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set up .venv first (torch pinned to the local CPU wheel).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgec-installed
+SPEECH := fixtures/speech/labels.csv
+
+.PHONY: venv demo test espeak clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' torch==2.13.0
+	touch $@
+
+venv: $(STAMP)
+
+# espeak-ng synthesises the speech fixture task (Debian package).
+espeak:
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
+	  || { echo "espeak-ng is needed: apt-get install espeak-ng"; exit 2; }
+
+$(SPEECH): fixtures/make_speech.py | venv espeak
+	$(BIN)/python fixtures/make_speech.py --out fixtures/speech
+
+demo: venv espeak $(SPEECH)
+	$(BIN)/edgec run fixtures/demo.toml --out out/demo
+
+test: venv espeak $(SPEECH)
+	$(BIN)/python -m pytest
+
+bench: venv espeak $(SPEECH)
+	$(BIN)/python benchmarks/zoo.py
+
+clean:
+	rm -rf out .cache fixtures/speech

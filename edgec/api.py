@@ -1,0 +1,128 @@
+"""The Python API behind the CLI. Every function takes paths and plain values and returns a plain dict
+(JSON-serialisable) describing what it did; the CLI only renders these.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from edgec.errors import EdgecError
+
+# Fold passes tried by `edgec fold`, in order: scaffolds first (they may sit in front of layers that
+# other folds then see), BatchNorm last.
+FOLD_PASSES = ["fold.batchnorm"]
+
+
+def _out_path(input_path: str | Path, output: str | Path | None, suffix: str) -> Path:
+    src = Path(input_path)
+    out = Path(output) if output else src.with_name(f"{src.stem}{suffix}")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise EdgecError(f"refusing to overwrite the input {src}; choose another -o")
+    return out
+
+
+def _model_summary(model) -> dict:
+    return {"arch": model.arch, "params": model.param_count(), "bytes": model.nbytes(), "digest": model.digest()}
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load(path: str | Path, arch: str | None = None):
+    from edgec.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, arch=arch)
+
+
+def save(model, output: str | Path) -> dict:
+    from edgec.checkpoint import save_checkpoint
+
+    save_checkpoint(model, output)
+    return {"output": str(output), **_model_summary(model), "file_bytes": Path(output).stat().st_size}
+
+
+# --- zoo -------------------------------------------------------------------------------------------
+
+def zoo_list() -> list[dict]:
+    from edgec import models
+
+    rows = []
+    for name in models.ZOO:
+        cls = models.resolve(name)
+        module = cls(**cls.default_config())
+        spec = module.input_spec()
+        rows.append({"name": name, "summary": cls.summary, "params": sum(p.numel() for p in module.parameters()),
+                     "inputs": spec.to_json()["inputs"], "task": spec.task, "config": cls.default_config()})
+    return rows
+
+
+def zoo_create(name: str, output: str | Path, overrides: dict | None = None, seed: int = 0) -> dict:
+    from edgec.checkpoint import new_model
+
+    model = new_model(name, overrides, seed)
+    return save(model, output) | {"config": model.config, "seed": seed}
+
+
+def import_hf(folder: str | Path, output: str | Path) -> dict:
+    from edgec.checkpoint import load_state_dict_strict, new_model
+    from edgec.models.hf_bert import read_hf_bert
+
+    folder = Path(folder)
+    config, state_dict = read_hf_bert(folder)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((folder / name).read_bytes())
+    origin = {"pass": "import.hf", "version": 1,
+              "params": {"source": folder.name, "source_sha256": digest.hexdigest(), "config": config}}
+    model = new_model("bert", config, seed=0, origin=origin)
+    load_state_dict_strict(model.gm, state_dict, folder)
+    model.provenance[0]["output_digest"] = model.digest()
+    return save(model, output) | {"config": model.config}
+
+
+# --- passes ----------------------------------------------------------------------------------------
+
+def run_passes(model, names: list[str], params: dict | None = None, progress=None):
+    from edgec.manager import PassManager, get_pass
+
+    passes = [get_pass(n)(**(params or {}).get(n, {})) for n in names]
+    return PassManager(passes)(model, progress=progress)
+
+
+def fold(input_path: str | Path, output: str | Path | None = None, arch: str | None = None, progress=None) -> dict:
+    model = load(input_path, arch)
+    out = _out_path(input_path, output, ".folded.pt")
+    before = _model_summary(model)
+    folded, records = run_passes(model, FOLD_PASSES, progress=progress)
+    applied = [r for r in records if r["modified"]]
+    result = save(folded, out)
+    return result | {
+        "input": str(input_path), "before": before, "folded": bool(applied),
+        "passes": [{"pass": r["pass"], "modified": r["modified"], "summary": r["summary"], "checks": r["checks"]}
+                   for r in records],
+        "summary": "; ".join(r["summary"] for r in applied) if applied else
+        "nothing to fold: no BatchNorm after a Conv/Linear and no training scaffolds",
+    }
+
+
+def export(input_path: str | Path, output: str | Path | None = None, opset: int | None = None,
+           arch: str | None = None) -> dict:
+    from edgec.checkpoint import atomic_write
+    from edgec.passes.export import DEFAULT_OPSET, export as export_onnx
+
+    model = load(input_path, arch)
+    out = _out_path(input_path, output, ".onnx")
+    data, record = export_onnx(model, opset=opset or DEFAULT_OPSET)
+    atomic_write(out, data)
+    parity = record["checks"]["ort_parity"]
+    return {"input": str(input_path), "output": str(out), "file_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "opset": opset or DEFAULT_OPSET,
+            "params": model.param_count(), "checks": record["checks"], "max_rel_error": parity["rel_error"],
+            "passes": len(model.provenance) + 1}
+
+
+def inspect(path: str | Path, arch: str | None = None) -> dict:
+    from edgec.inspect import inspect_file
+
+    return inspect_file(path, arch=arch)

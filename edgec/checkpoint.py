@@ -1,0 +1,215 @@
+"""The one module that reads and writes edgec checkpoints.
+
+A checkpoint is plain data, never code::
+
+    {"format": "edgec.checkpoint/1",
+     "model": {"arch": str, "config": dict},
+     "passes": [{"pass", "version", "params"}, ...],   # structural log, replayed on load
+     "state_dict": {name: Tensor},
+     "provenance": [record, ...],
+     "digest": sha256 hex}
+
+It is written with ``torch.save`` of these containers (to memory, then a temporary file renamed into
+place, so an interrupted write never leaves a partial file and the archive holds no file name) and read
+with ``torch.load(weights_only=True)``, which refuses any pickle that would import or call code.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+from edgec.errors import EdgecError
+
+FORMAT = "edgec.checkpoint/1"
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def serialize(obj) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(model, path: str | Path) -> str:
+    """Write ``model`` (an ``edgec.graph.Model``) atomically; return its digest."""
+    digest = model.digest()
+    container = {
+        "format": FORMAT,
+        "model": {"arch": model.arch, "config": model.config},
+        "passes": model.passes,
+        "state_dict": model.state_dict(),
+        "provenance": model.provenance,
+        "digest": digest,
+    }
+    atomic_write(path, serialize(container))
+    return digest
+
+
+def read_data(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line EdgecError."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgecError(f"no such file: {path}")
+    if path.is_dir():
+        raise EdgecError(f"{path} is a directory, not a {what} file")
+    if path.stat().st_size == 0:
+        raise EdgecError(f"{path} is empty")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise EdgecError(f"{path} is truncated or corrupt (a zip archive without its central directory)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower():
+            global_name = _unsupported_global(msg)
+            raise EdgecError(
+                f"refusing to load {path}: it is a pickle that would import or run code{global_name}; "
+                "edgec loads checkpoints as data only"
+            ) from None
+        raise EdgecError(f"{path} is corrupt or not a torch file ({_first_line(msg)})") from None
+    except Exception as exc:  # the unpickler raises anything (IndexError, EOFError, ...) on garbage
+        msg = _first_line(str(exc)) if str(exc).strip() else type(exc).__name__
+        raise EdgecError(f"{path} is truncated or corrupt, or not a torch file ({msg})") from None
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0][:200] if msg.strip() else "unknown error"
+
+
+def _unsupported_global(msg: str) -> str:
+    for line in msg.splitlines():
+        if "Unsupported global: GLOBAL" in line:
+            name = line.split("GLOBAL", 1)[1].strip().split()[0]
+            return f" ({name})"
+    return ""
+
+
+def _describe_non_checkpoint(obj) -> str:
+    import torch
+
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return (f"a bare state_dict ({len(obj)} tensors), not an edgec checkpoint; "
+                "pass --arch NAME or --arch package.module:Class to load it into an architecture")
+    if isinstance(obj, dict):
+        keys = ", ".join(sorted(map(str, obj))[:6])
+        return f"not an edgec checkpoint (a dict with keys: {keys})"
+    return f"not an edgec checkpoint (a {type(obj).__name__})"
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | None = None):
+    """Rebuild the model: architecture from the zoo (or ``arch``), replay structural passes, load weights strictly.
+
+    With ``arch`` a bare state_dict is accepted and wrapped with that architecture (default config
+    updated by ``config``).
+    """
+    from edgec import models
+    from edgec.graph import Model, trace
+    from edgec.manager import replay
+
+    path = Path(path)
+    obj = read_data(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        try:
+            arch_name = arch or obj["model"]["arch"]
+            cfg = dict(obj["model"]["config"])
+            passes, state_dict = list(obj["passes"]), obj["state_dict"]
+            provenance = list(obj.get("provenance", []))
+        except (KeyError, TypeError) as exc:
+            raise EdgecError(f"{path} is a damaged edgec checkpoint (missing {exc})") from None
+        if arch is None and arch_name not in models.ZOO:
+            # Importing a module named inside a file would let the file choose code to run.
+            raise EdgecError(f"{path} uses the user architecture '{arch_name}'; "
+                             f"pass --arch {arch_name} to allow importing it")
+    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
+        raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
+    elif arch is not None and isinstance(obj, dict) and not _describe_non_checkpoint(obj).startswith("not"):
+        arch_name, cfg, passes, state_dict = arch, models.full_config(arch, config), [], obj
+        provenance = [{"pass": "import.state_dict", "version": 1,
+                       "params": {"arch": arch, "config": cfg, "source": path.name}}]
+    else:
+        raise EdgecError(f"{path} is {_describe_non_checkpoint(obj)}")
+
+    check_finite(state_dict, path)
+    module = models.build(arch_name, cfg)
+    model = Model(trace(module), arch_name, cfg, module.input_spec())
+    model = replay(model, passes)
+    load_state_dict_strict(model.gm, state_dict, path)
+    model.provenance = provenance
+    model.gm.eval()
+    return model
+
+
+def check_finite(state_dict: dict, path) -> None:
+    import torch
+
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise EdgecError(f"{path}: state_dict entry '{name}' is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise EdgecError(f"{path}: tensor '{name}' contains {bad} values")
+
+
+def load_state_dict_strict(gm, state_dict: dict, path) -> None:
+    expected = gm.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) e.g. '{unexpected[0]}'")
+        raise EdgecError(f"{path}: weights do not fit the architecture: {'; '.join(parts)}")
+    for name, ref in expected.items():
+        got = state_dict[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise EdgecError(f"{path}: tensor '{name}' has shape {list(got.shape)} "
+                             f"but the architecture expects {list(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise EdgecError(f"{path}: tensor '{name}' has dtype {got.dtype} but the architecture expects {ref.dtype}")
+    gm.load_state_dict(state_dict, strict=True)
+
+
+def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: dict | None = None):
+    """A freshly initialised zoo (or user) model, deterministic in ``seed``."""
+    import torch
+
+    from edgec import models
+    from edgec.graph import Model, trace
+
+    cfg = models.full_config(arch, overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = models.build(arch, cfg)
+    model = Model(trace(module), arch, cfg, module.input_spec())
+    record = origin or {"pass": "zoo.create", "version": 1, "params": {"arch": arch, "config": cfg, "seed": seed}}
+    record["output_digest"] = model.digest()
+    model.provenance = [record]
+    return model

@@ -1,0 +1,252 @@
+"""The edgec command line: typer parses, edgec.api works, edgec.render shows. No torch at import time."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgec import __version__
+from edgec.errors import EXIT_INTERNAL, EdgecError
+from edgec import render as r
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="edgec: PyTorch checkpoints → small, fast, verified ONNX artifacts.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list and create models.")
+import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints from other formats.")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(import_app, name="import")
+
+STATE = {"debug": bool(os.environ.get("EDGEC_DEBUG"))}
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a bare state_dict or a user "
+                                                "class: zoo name or package.module:Class.")]
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file.")]
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"edgec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    if debug:
+        STATE["debug"] = True
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """`--set key=value`: values parsed as JSON when they parse (numbers, lists, true/false), else strings."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgecError(f"--set expects key=value, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+# --- zoo -------------------------------------------------------------------------------------------
+
+@zoo_app.command("list")
+def zoo_list(as_json: JsonOpt = False):
+    """List the zoo's architectures with their default sizes and inputs."""
+    from edgec import api
+
+    rows = api.zoo_list()
+    if as_json:
+        return r.print_json(rows)
+    r.console.print(r.rows_table("edgec model zoo", ["name", "params", "inputs", "task", "description"], [
+        [x["name"], r.human_count(x["params"]),
+         "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in x["inputs"]), x["task"], x["summary"]]
+        for x in rows]))
+
+
+@zoo_app.command("create")
+def zoo_create(
+    name: Annotated[str, typer.Argument(help="Zoo architecture (see `edgec zoo list`) or package.module:Class.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    as_json: JsonOpt = False,
+):
+    """Create a freshly initialised model checkpoint."""
+    from edgec import api
+
+    res = api.zoo_create(name, output, parse_sets(set_), seed)
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.kv_table(f"created {name}", [
+        ("output", res["output"]), ("params", r.human_count(res["params"])),
+        ("file size", r.human_bytes(res["file_bytes"])), ("digest", res["digest"][:16]),
+        ("config", ", ".join(f"{k}={v}" for k, v in sorted(res["config"].items())))]))
+
+
+@import_app.command("hf")
+def import_hf(
+    folder: Annotated[Path, typer.Argument(help="Folder with config.json and model.safetensors (BertModel layout).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
+    as_json: JsonOpt = False,
+):
+    """Import a Hugging Face BERT checkpoint (no transformers needed)."""
+    from edgec import api
+
+    with r.spinner(f"importing {folder}", not as_json):
+        res = api.import_hf(folder, output)
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.kv_table("imported BERT", [
+        ("output", res["output"]), ("params", r.human_count(res["params"])),
+        ("layers", res["config"].get("num_hidden_layers")), ("hidden", res["config"].get("hidden_size")),
+        ("digest", res["digest"][:16])]))
+
+
+# --- passes ----------------------------------------------------------------------------------------
+
+@app.command("fold")
+def fold(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to fold.")],
+    output: OutOpt = None,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Fold everything foldable (training scaffolds, BatchNorm) and verify the result. Default output: <stem>.folded.pt."""
+    from edgec import api
+
+    with r.spinner("folding", not as_json) as update:
+        res = api.fold(model, output, arch, progress=update)
+    if as_json:
+        return r.print_json(res)
+    rows = [(p["pass"], (p["summary"] or "-") + ("" if not p["checks"] else
+             "  [" + "; ".join(r.check_text(c) for c in p["checks"].values()) + "]")) for p in res["passes"]]
+    r.console.print(r.kv_table("fold", rows + [
+        ("params", f"{r.human_count(res['before']['params'])} → {r.human_count(res['params'])}"),
+        ("output", res["output"])]))
+    if not res["folded"]:
+        r.console.print(f"[yellow]{res['summary']}[/] (copied unchanged to {res['output']})")
+
+
+@app.command("export")
+def export(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    output: OutOpt = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 20).")] = None,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Export to ONNX, verify against torch in onnxruntime, embed provenance. Default output: <stem>.onnx."""
+    from edgec import api
+
+    with r.spinner("exporting and verifying", not as_json):
+        res = api.export(model, output, opset, arch)
+    if as_json:
+        return r.print_json(res)
+    parity = res["checks"]["ort_parity"]
+    rows = [("output", res["output"]), ("size", r.human_bytes(res["file_bytes"])), ("opset", res["opset"]),
+            ("params", r.human_count(res["params"])), ("sha256", res["sha256"][:16]),
+            ("provenance", f"{res['passes']} record(s) in metadata 'edgec.provenance'")]
+    for name, p in parity["parity"].items():
+        rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", r.check_text(p | {
+            "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
+    r.console.print(r.kv_table("export", rows))
+
+
+@app.command("inspect")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .pt checkpoint or an .onnx file.")],
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Show architecture, size, ops and the provenance chain of a checkpoint or ONNX file."""
+    from edgec import api
+
+    res = api.inspect(file, arch)
+    if as_json:
+        return r.print_json(res)
+    if res["kind"] == "onnx":
+        rows = [("file", f"{res['file']} ({r.human_bytes(res['file_bytes'])})"), ("producer", res["producer"]),
+                ("arch", res["arch"] or "-"), ("IR / opsets", f"{res['ir_version']} / {res['opsets']}"),
+                ("params", f"{r.human_count(res['params'])} ({res['initializer_dtypes']})"),
+                ("inputs", "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res["inputs"])),
+                ("outputs", "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res["outputs"])),
+                ("nodes", res["nodes"]), ("ops", ", ".join(f"{k}×{v}" for k, v in res["ops"].items()))]
+    else:
+        rows = [("file", f"{res['file']} ({r.human_bytes(res['file_bytes'])})"), ("arch", res["arch"]),
+                ("params", r.human_count(res["params"])), ("tensor bytes", r.human_bytes(res["bytes"])),
+                ("digest", res["digest"][:16]),
+                ("inputs", "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res["spec"]["inputs"])),
+                ("modules", ", ".join(f"{k}×{v}" for k, v in res["modules"].items())),
+                ("scaffolds", ", ".join(f"{s['kind']}@{s['module']}" for s in res["scaffolds"]) or "none")]
+    r.console.print(r.kv_table(f"inspect {res['file']}", rows))
+    r.console.print(r.provenance_tree("provenance", res["provenance"]))
+
+
+@app.command("run")
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: out/<recipe stem>).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, run nothing.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Run a recipe: a list of steps named like the CLI commands. Exit 0 ok, 1 a check failed, 2 bad input."""
+    from edgec import recipe as rec
+
+    plan = rec.plan(recipe, out)
+    if dry_run:
+        if as_json:
+            return r.print_json(plan.describe())
+        r.console.print(r.rows_table(f"plan: {recipe} → {plan.out_dir}", ["#", "step", "parameters"], [
+            [i + 1, s.run, ", ".join(f"{k}={v}" for k, v in s.raw.items())] for i, s in enumerate(plan.steps)]))
+        return
+    with r.progress_bar(f"recipe {recipe.name}", len(plan.steps), not as_json) as progress:
+        report = rec.execute(plan, progress)
+    if as_json:
+        r.print_json(report)
+    else:
+        r.console.print(rec.render_report(report))
+    if report["status"] != "ok":
+        raise typer.Exit(report["exit_code"])
+
+
+def main() -> None:
+    """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
+    import click
+
+    debug = STATE["debug"] or "--debug" in sys.argv[1:]
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        r.err_console.print("interrupted")
+        sys.exit(130)
+    except EdgecError as exc:
+        if debug:
+            raise
+        r.error_line("error", str(exc))
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: still one line, with a way to get the traceback
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        r.error_line("internal error", f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

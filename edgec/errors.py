@@ -1,0 +1,24 @@
+"""Errors that reach the user as one line and an exit code, never a traceback."""
+
+# Exit codes (documented in the README): 0 ok, 1 a check failed, 2 bad input, 3 internal error.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+class EdgecError(Exception):
+    """Bad input or an impossible request: exit code 2 unless said otherwise."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class CheckFailed(EdgecError):
+    """A verification (fold equivalence, export parity) exceeded its tolerance."""
+
+    exit_code = EXIT_CHECK_FAILED

@@ -1,0 +1,69 @@
+"""Describe a checkpoint or an ONNX file: architecture, size, ops, and the provenance chain."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from edgec.errors import EdgecError
+
+
+def inspect_file(path: str | Path, arch: str | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise EdgecError(f"no such file: {path}")
+    if path.suffix == ".onnx":
+        return inspect_onnx(path)
+    return inspect_checkpoint(path, arch)
+
+
+def inspect_checkpoint(path: Path, arch: str | None = None) -> dict:
+    from edgec.checkpoint import load_checkpoint
+
+    model = load_checkpoint(path, arch=arch)
+    modules = Counter(type(m).__name__ for n, m in model.gm.named_modules() if n and not list(m.children()))
+    return {
+        "kind": "checkpoint", "file": path.name, "file_bytes": path.stat().st_size,
+        "arch": model.arch, "config": model.config, "params": model.param_count(), "bytes": model.nbytes(),
+        "digest": model.digest(), "spec": model.spec.to_json(),
+        "modules": dict(sorted(modules.items())),
+        "scaffolds": [{"module": n, "kind": m.kind, "folded_by": m.folded_by} for n, m in model.scaffolds()],
+        "structural_passes": model.passes, "provenance": model.provenance,
+    }
+
+
+def inspect_onnx(path: Path) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    from edgec.passes.export import read_provenance
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:
+        raise EdgecError(f"{path} is not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
+    ops = Counter((n.domain + "::" if n.domain else "") + n.op_type for n in proto.graph.node)
+    params = 0
+    init_bytes = 0
+    dtypes = Counter()
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        params += arr.size
+        init_bytes += len(init.raw_data) if init.raw_data else arr.nbytes
+        dtypes[onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name if init.data_type else "?"] += arr.size
+
+    def io(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    provenance = read_provenance(proto)
+    return {
+        "kind": "onnx", "file": path.name, "file_bytes": path.stat().st_size,
+        "ir_version": proto.ir_version, "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
+        "params": int(params), "initializer_bytes": int(init_bytes), "initializer_dtypes": dict(dtypes),
+        "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "arch": (provenance or {}).get("arch"),
+        "checkpoint_digest": (provenance or {}).get("checkpoint_digest"),
+        "provenance": (provenance or {}).get("passes", []),
+    }

@@ -1,0 +1,141 @@
+"""Pass infrastructure, modelled on onnx-ir's ``passes`` (PassBase / FunctionalPass / PassResult /
+requires / ensures, itself derived from torch.fx's ``passes/infra``).
+
+A pass is a pure function ``Model -> Model`` with a name, a version and parameters. ``Pass.__call__``
+clones the input before ``call`` sees it, so no pass can mutate its input. The ``PassManager`` runs a
+sequence, checks each pass's contracts, and appends one provenance record per pass:
+name, version, parameters, input and output digests, metrics (parameter count, bytes) and the checks
+the pass ran (a fold records its measured output error). Structural passes (those that change the
+module structure) are also appended to ``Model.passes``, the log that rebuilds the graph on load.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from edgec.errors import CheckFailed, EdgecError
+from edgec.graph import Model
+
+
+class PreconditionError(EdgecError):
+    """A pass's ``requires`` contract does not hold for its input."""
+
+
+class PostconditionError(CheckFailed):
+    """A pass's ``ensures`` contract does not hold for its output (a bug or a failed check)."""
+
+
+@dataclass
+class PassResult:
+    model: Model
+    modified: bool
+    checks: dict = field(default_factory=dict)
+    summary: str = ""
+
+
+class Pass:
+    """Base class. Subclasses set ``name``/``version``, implement ``call`` and optionally the contracts.
+
+    ``structural``: the pass changes module structure, so loading a checkpoint must replay it.
+    ``scaffold_fold``: for scaffold passes, the name of the fold pass that removes what they insert.
+    """
+
+    name: str = ""
+    version: int = 1
+    structural: bool = True
+    scaffold_fold: str | None = None
+
+    def __init__(self, **params):
+        self.params = params
+
+    def requires(self, model: Model) -> None:  # raise PreconditionError
+        """Contract on the input; default: none."""
+
+    def ensures(self, model: Model) -> None:  # raise PostconditionError
+        """Contract on the output; default: none."""
+
+    def call(self, model: Model, *, replay: bool = False) -> PassResult:
+        """Transform ``model`` (already a private clone; mutate freely). ``replay``: rebuilding a checkpoint's
+        structure on freshly initialised weights, so skip verification and weight-dependent work."""
+        raise NotImplementedError
+
+    def __call__(self, model: Model, *, replay: bool = False) -> PassResult:
+        if not replay:
+            self.requires(model)
+        result = self.call(model.clone(), replay=replay)
+        if not replay:
+            self.ensures(result.model)
+        return result
+
+    def record(self) -> dict:
+        return {"pass": self.name, "version": self.version, "params": dict(self.params)}
+
+
+def model_metrics(model: Model) -> dict:
+    return {"params": model.param_count(), "bytes": model.nbytes()}
+
+
+class PassManager:
+    """Run passes in order, recording provenance; raise on a failed check."""
+
+    def __init__(self, passes: list[Pass]):
+        self.passes = list(passes)
+
+    def __call__(self, model: Model, progress=None) -> tuple[Model, list[dict]]:
+        records = []
+        for p in self.passes:
+            if progress:
+                progress(p.name)
+            before_digest, before_metrics = model.digest(), model_metrics(model)
+            result = p(model)
+            out = result.model
+            failed = {k: v for k, v in result.checks.items() if isinstance(v, dict) and v.get("passed") is False}
+            record = p.record() | {
+                "modified": result.modified,
+                "summary": result.summary,
+                "input_digest": before_digest,
+                "checks": result.checks,
+                "metrics": {"before": before_metrics, "after": model_metrics(out)},
+            }
+            if p.structural and result.modified:
+                out.passes.append(p.record())
+            record["output_digest"] = out.digest()
+            if result.modified:  # a no-op stays out of the artifact's history but is reported to the caller
+                out.provenance.append(record)
+            records.append(record)
+            if failed:
+                name, check = next(iter(failed.items()))
+                raise CheckFailed(f"{p.name}: check '{name}' failed: {_describe_check(check)}")
+            model = out
+        return model, records
+
+
+def _describe_check(check: dict) -> str:
+    if "rel_error" in check:
+        return f"relative error {check['rel_error']:.3g} exceeds tolerance {check['tolerance']:.3g}"
+    return str(check)
+
+
+# Registry of pass names -> "module:Class" (lazy, so listing passes imports nothing heavy).
+PASSES: dict[str, str] = {
+    "fold.batchnorm": "edgec.passes.bnfold:FoldBatchNorm",
+}
+
+
+def get_pass(name: str) -> type[Pass]:
+    target = PASSES.get(name)
+    if target is None:
+        raise EdgecError(f"unknown pass '{name}' in checkpoint; this edgec knows: {', '.join(sorted(PASSES))}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def replay(model: Model, records: list[dict]) -> Model:
+    """Rebuild structure by re-running recorded structural passes from their parameters."""
+    for rec in records:
+        cls = get_pass(rec["pass"])
+        if rec.get("version", 1) > cls.version:
+            raise EdgecError(f"checkpoint needs pass {rec['pass']} v{rec['version']}; this edgec has v{cls.version}")
+        model = cls(**rec.get("params", {}))(model, replay=True).model
+        model.passes.append(dict(rec))
+    return model

@@ -1,0 +1,220 @@
+"""Import Hugging Face BERT checkpoints (``config.json`` + ``model.safetensors``) into the zoo ``bert``.
+
+Reads the files directly: no ``transformers`` import, and only safetensors (data, never code); a
+``pytorch_model.bin`` is a pickle and is refused. The zoo ``Bert`` mirrors HF's module names, so the key
+mapping is: strip a ``bert.`` prefix, rename legacy ``LayerNorm.gamma/beta`` to ``weight/bias``, drop
+non-parameter buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) and the
+pre-training heads (``cls.*``: MLM / next-sentence, which the zoo has no use for; HF's own
+``BertModel.from_pretrained`` drops them the same way). Everything else must match exactly.
+
+Decisions:
+
+* ``BertModel`` checkpoints give ``num_labels = 0`` (outputs last_hidden_state, pooler_output);
+  a ``classifier.*`` tensor (BertForSequenceClassification) gives ``num_labels`` from its shape.
+* A checkpoint without ``pooler.*`` (``BertModel(add_pooling_layer=False)``) imports with
+  ``add_pooler = False`` and outputs only last_hidden_state; HF's config does not record this, so it is
+  inferred from the tensors.
+* Config keys absent from config.json take ``transformers.BertConfig``'s defaults, as HF does; a wrong
+  default then shows up as a shape mismatch naming the tensor.
+* Floating tensors are returned as float32 (fp16/bf16 checkpoints load into the float32 zoo model).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgec.errors import EdgecError
+
+# transformers.BertConfig defaults, used for keys a config.json leaves out.
+HF_DEFAULTS = {
+    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12, "pad_token_id": 0, "classifier_dropout": None,
+}
+INT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size")
+FLOAT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps")
+DROPPED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+PRETRAINING_HEADS = "cls."
+SEQ_CLS_ARCH = "BertForSequenceClassification"
+
+
+def read_hf_config(path: Path) -> dict:
+    """config.json -> zoo ``bert`` config (without num_labels / add_pooler, which come from the tensors)."""
+    if not path.is_file():
+        raise EdgecError(f"{path}: config.json not found (expected a Hugging Face model folder)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgecError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(hf, dict):
+        raise EdgecError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type != "bert":
+        raise EdgecError(f"{path}: model_type is {model_type!r}, expected 'bert'")
+    from edgec.models.bert import ACTIVATIONS
+
+    act = hf.get("hidden_act", HF_DEFAULTS["hidden_act"])
+    if act not in ACTIVATIONS:
+        raise EdgecError(f"{path}: hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    pos = hf.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise EdgecError(f"{path}: position_embedding_type {pos!r} is not supported; only 'absolute'")
+    # A decoder BERT attends causally (and may cross-attend); the zoo model is a bidirectional encoder.
+    for key in ("is_decoder", "add_cross_attention"):
+        if hf.get(key):
+            raise EdgecError(f"{path}: {key} is true; only bidirectional BERT encoders are supported")
+
+    config = {key: hf.get(key, default) for key, default in HF_DEFAULTS.items()}
+    config["hidden_act"] = act
+    for key in INT_KEYS:
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise EdgecError(f"{path}: {key} must be a positive integer, got {value!r}")
+    for key in FLOAT_KEYS:
+        value = config[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise EdgecError(f"{path}: {key} must be a non-negative number, got {value!r}")
+        config[key] = float(value)
+    if config["classifier_dropout"] is not None:
+        config["classifier_dropout"] = float(config["classifier_dropout"])
+    pad = config["pad_token_id"]
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+        raise EdgecError(f"{path}: pad_token_id must be an integer or null, got {pad!r}")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise EdgecError(f"{path}: hidden_size {config['hidden_size']} is not a multiple of "
+                         f"num_attention_heads {config['num_attention_heads']}")
+    config["_architectures"] = hf.get("architectures") or []
+    return config
+
+
+def _load_safetensors(folder: Path) -> tuple[dict, Path]:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise EdgecError(f"{index}: invalid safetensors index ({type(exc).__name__}: {exc})") from None
+        for f in files:
+            if not f.is_file():
+                raise EdgecError(f"{index}: lists shard {f.name}, which is missing")
+    else:
+        pickles = [p.name for p in (folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json") if p.exists()]
+        hint = (f"; found {pickles[0]}, but pytorch_model.bin pickles are not read for safety "
+                "(convert it to safetensors)") if pickles else ""
+        raise EdgecError(f"{single}: not found{hint}")
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EdgecError(f"{f}: cannot read safetensors file: {exc}") from None
+    return tensors, files[0] if len(files) == 1 else index
+
+
+def map_hf_keys(tensors: dict, source: str) -> tuple[dict, bool]:
+    """HF names -> zoo names; returns (state_dict, has_classifier). Raises on names it cannot place."""
+    state, has_classifier = {}, False
+    unexpected = []
+    for name, tensor in tensors.items():
+        key = name[len("bert."):] if name.startswith("bert.") else name
+        if key.endswith(".gamma"):  # TF-era names, renamed by HF's loader too
+            key = key[: -len(".gamma")] + ".weight"
+        elif key.endswith(".beta"):
+            key = key[: -len(".beta")] + ".bias"
+        if key in DROPPED_BUFFERS or key.startswith(PRETRAINING_HEADS):
+            continue
+        if key.startswith("classifier."):
+            if name != key:  # "bert.classifier.*" is not a layout HF writes
+                unexpected.append(name)
+                continue
+            has_classifier = True
+        elif not key.startswith(("embeddings.", "encoder.", "pooler.")):
+            unexpected.append(name)
+            continue
+        if key in state:
+            raise EdgecError(f"{source}: tensor {name!r} maps to {key!r}, which another tensor already gave")
+        state[key] = tensor
+    if unexpected:
+        raise EdgecError(f"{source}: unexpected tensor names for BERT: {_listing(unexpected)}")
+    return state, has_classifier
+
+
+def _listing(names, limit: int = 5) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_hf_bert(folder) -> tuple[dict, dict]:
+    """Read a Hugging Face BERT folder; return ``(config, state_dict)`` for the zoo ``bert``.
+
+    ``Bert(**config).load_state_dict(state_dict)`` (strict) then reproduces transformers' ``BertModel``
+    (or ``BertForSequenceClassification``) outputs. Raises ``EdgecError`` with one line naming the file or
+    tensor for every problem.
+    """
+    import torch
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgecError(f"{folder}: Hugging Face model folder not found")
+    config = read_hf_config(folder / "config.json")
+    architectures = config.pop("_architectures")
+    tensors, source = _load_safetensors(folder)
+    state, has_classifier = map_hf_keys(tensors, str(source))
+
+    if has_classifier:
+        if architectures and SEQ_CLS_ARCH not in architectures:
+            # Token classification / multiple choice also use "classifier.*" but a different head.
+            raise EdgecError(f"{folder / 'config.json'}: architectures {architectures} has a 'classifier' head "
+                             f"that is not {SEQ_CLS_ARCH}; only sequence classification is supported")
+        weight = state.get("classifier.weight")
+        if weight is None or weight.dim() != 2:
+            raise EdgecError(f"{source}: classifier.weight missing or not 2-D")
+        config["num_labels"] = int(weight.shape[0])
+    else:
+        config["num_labels"] = 0
+    config["add_pooler"] = any(k.startswith("pooler.") for k in state)
+    if has_classifier and not config["add_pooler"]:
+        raise EdgecError(f"{source}: missing tensors pooler.dense.weight, pooler.dense.bias "
+                         "(a sequence classifier reads the pooled output)")
+
+    from edgec.models.bert import Bert
+
+    # Build on the meta device: just the expected names and shapes, no memory or init time.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Bert(**config).state_dict().items()}
+    missing = set(expected) - set(state)
+    if missing:
+        raise EdgecError(f"{source}: missing tensors: {_listing(missing)}")
+    extra = set(state) - set(expected)
+    if extra:
+        raise EdgecError(f"{source}: unexpected tensor names for BERT with "
+                         f"{config['num_hidden_layers']} layers: {_listing(extra)}")
+    for key in sorted(expected):
+        got = tuple(state[key].shape)
+        if got != expected[key]:
+            raise EdgecError(f"{source}: tensor {key!r} has shape {list(got)}, config.json implies {list(expected[key])}")
+        if state[key].is_floating_point():
+            state[key] = state[key].to(torch.float32)
+        else:
+            raise EdgecError(f"{source}: tensor {key!r} has dtype {state[key].dtype}, expected floating point")
+    return config, state
+
+
+def load_hf_bert(folder):
+    """Convenience: the zoo ``Bert`` (eval mode) with the weights of a Hugging Face BERT folder."""
+    from edgec.models.bert import Bert
+
+    config, state = read_hf_bert(folder)
+    model = Bert(**config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

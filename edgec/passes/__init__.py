@@ -1,0 +1,1 @@
+"""Passes: one file each, pure ``Model -> Model`` functions (see edgec.manager)."""

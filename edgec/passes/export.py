@@ -1,0 +1,188 @@
+"""Verified ONNX export: torch graph -> ONNX bytes that carry their own provenance.
+
+Steps: refuse a graph with unfolded scaffolds; export with torch's dynamo exporter at a pinned opset with
+the model's dynamic axes; strip exporter metadata (it embeds source paths and Python qualnames) so the
+same checkpoint always gives the same bytes; run the file in onnxruntime on generated inputs at the
+traced shape and at a second batch/sequence shape and compare with torch; embed the whole pass chain as
+JSON under the ``edgec.provenance`` metadata key.
+
+Tolerance: max |ORT − torch| / max(1, max |torch|) ≤ 1e-4 by default (fp32 kernels in ORT fuse and
+reorder reductions, so bit-exactness is not expected; observed errors are ~1e-6).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+from edgec.errors import CheckFailed, EdgecError
+from edgec.graph import Model, canonical_json, max_error
+
+DEFAULT_OPSET = 20
+TOLERANCE = 1e-4
+PROVENANCE_KEY = "edgec.provenance"
+
+
+def refuse_scaffolds(model: Model) -> None:
+    found = model.scaffolds()
+    if found:
+        names = ", ".join(f"{m.kind} at {n}" for n, m in found[:3]) + (" ..." if len(found) > 3 else "")
+        folds = sorted({m.folded_by for _, m in found})
+        raise EdgecError(f"model still carries {len(found)} unfolded training scaffold(s) ({names}); "
+                         f"run `edgec fold` first (fold pass: {', '.join(folds)})")
+
+
+@contextlib.contextmanager
+def quiet():
+    """The dynamo exporter prints progress and warnings to stdout/logging; keep the CLI output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx(model: Model, opset: int = DEFAULT_OPSET):
+    """Export to an ``onnx.ModelProto`` with metadata stripped (not yet verified)."""
+    import torch
+
+    spec = model.spec
+    gm = model.clone().gm.eval()
+    dynamic = [{axis: torch.export.Dim(d.name, min=d.min, max=d.max) for axis, d in dims.items()} or None
+               for dims in spec.dynamic_dims()]
+    args = spec.sample(seed=0)
+    try:
+        with quiet():
+            program = torch.onnx.export(
+                gm, args, dynamo=True, opset_version=opset, dynamic_shapes=tuple(dynamic),
+                input_names=[t.name for t in spec.inputs], output_names=list(spec.outputs),
+                optimize=True, verbose=False, external_data=False)
+    except Exception as exc:  # the exporter raises many types; the user needs the first line
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise EdgecError(f"ONNX export failed: {msg}") from exc
+    proto = program.model_proto
+    strip_metadata(proto)
+    return proto
+
+
+def strip_metadata(proto) -> None:
+    """Remove exporter node metadata and doc strings (they hold file paths and qualnames)."""
+    graphs = [proto.graph] + [f for f in proto.functions]
+    while graphs:
+        g = graphs.pop()
+        if hasattr(g, "metadata_props"):
+            del g.metadata_props[:]
+        if hasattr(g, "doc_string"):
+            g.doc_string = ""
+        for vi in list(getattr(g, "input", [])) + list(getattr(g, "output", [])) + list(getattr(g, "value_info", [])):
+            del vi.metadata_props[:]
+            vi.doc_string = ""
+        for init in getattr(g, "initializer", []):
+            del init.metadata_props[:]
+            init.doc_string = ""
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+
+
+def ort_session(data: bytes, threads: int = 1, **config):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    for key, value in config.items():
+        opts.add_session_config_entry(key, str(value))
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_parity(model: Model, data: bytes, seeds=(0, 1)) -> dict:
+    """Max error of ORT vs torch at the traced shape and at the alternative shape."""
+    session = ort_session(data)
+    names = [i.name for i in session.get_inputs()]
+    result = {}
+    for alt in (False, True):
+        worst = {"max_abs_error": 0.0, "output_scale": 0.0, "rel_error": 0.0}
+        for seed in seeds:
+            inputs = model.spec.sample(seed=seed, alt=alt)
+            ref = model.run(inputs)
+            got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+            if [tuple(g.shape) for g in got] != [tuple(r.shape) for r in ref]:
+                raise CheckFailed(f"ONNX output shapes {[g.shape for g in got]} differ from torch "
+                                  f"{[tuple(r.shape) for r in ref]}")
+            err = max_error(ref, got)
+            worst = {k: max(worst[k], err[k]) for k in worst}
+        worst["shape"] = [list(t.shape) for t in model.spec.sample(seed=0, alt=alt)]
+        result["alt_shape" if alt else "traced_shape"] = worst
+    return result
+
+
+def export(model: Model, opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, tool_versions: dict | None = None):
+    """Export, verify and annotate. Returns (onnx bytes, export provenance record)."""
+    import onnx
+
+    refuse_scaffolds(model)
+    proto = to_onnx(model, opset)
+    plain = proto.SerializeToString(deterministic=True)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise CheckFailed(f"exported ONNX does not validate: {str(exc).splitlines()[0]}") from None
+    parity = ort_parity(model, plain)
+    worst = max(v["rel_error"] for v in parity.values())
+    check = {"parity": parity, "rel_error": worst, "tolerance": tolerance, "passed": worst <= tolerance}
+    record = {
+        "pass": "export.onnx", "version": 1, "params": {"opset": opset},
+        "input_digest": model.digest(), "checks": {"ort_parity": check},
+        "tools": tool_versions or versions(),
+    }
+    provenance = {
+        "format": "edgec.provenance/1",
+        "arch": model.arch, "config": model.config, "spec": model.spec.to_json(),
+        "checkpoint_digest": model.digest(),
+        "passes": model.provenance + [record],
+    }
+    from edgec import __version__
+
+    proto.producer_name = "edgec"
+    proto.producer_version = __version__
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = PROVENANCE_KEY, canonical_json(provenance)
+    data = proto.SerializeToString(deterministic=True)
+    if not check["passed"]:
+        raise CheckFailed(f"ONNX parity check failed: relative error {worst:.3g} > tolerance {tolerance:.3g}")
+    return data, record
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from edgec import __version__
+
+    return {"edgec": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def read_provenance(proto) -> dict | None:
+    import json
+
+    for entry in proto.metadata_props:
+        if entry.key == PROVENANCE_KEY:
+            return json.loads(entry.value)
+    return None

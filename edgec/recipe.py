@@ -1,0 +1,199 @@
+"""Recipes: a TOML list of steps named and parameterised like the CLI commands, for CI pipelines.
+
+    name = "release"
+    [[steps]]
+    run = "zoo.create"
+    name = "conformer"
+    output = "base.pt"
+    [[steps]]
+    run = "export"
+    input = "base.pt"
+    output = "model.onnx"
+
+Relative paths resolve against the output folder (``--out``, default ``out/<recipe stem>``); the text
+``{recipe_dir}`` in a value is replaced by the recipe file's folder, for bundled inputs. Every run writes
+``report.json`` in the output folder: each step's parameters, status, result (metrics, checks, digests).
+Exit codes: 0 success, 1 a step failed its check, 2 bad input (recipe or data).
+"""
+from __future__ import annotations
+
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgec.errors import EXIT_INTERNAL, CheckFailed, EdgecError
+
+
+@dataclass(frozen=True)
+class StepDef:
+    func: str  # name of the function in edgec.api
+    required: tuple = ()
+    optional: tuple = ()
+    inputs: tuple = ()  # parameters that are files which must exist (or be produced earlier)
+    outputs: tuple = ()  # parameters that are files this step writes
+    rename: dict = field(default_factory=dict)  # recipe key -> api keyword
+
+
+STEPS: dict[str, StepDef] = {
+    "zoo.create": StepDef("zoo_create", ("name", "output"), ("set", "seed"), (), ("output",),
+                          {"set": "overrides"}),
+    "import.hf": StepDef("import_hf", ("folder", "output"), (), ("folder",), ("output",)),
+    "fold": StepDef("fold", ("input",), ("output", "arch"), ("input",), ("output",), {"input": "input_path"}),
+    "export": StepDef("export", ("input",), ("output", "opset", "arch"), ("input",), ("output",),
+                      {"input": "input_path"}),
+    "inspect": StepDef("inspect", ("input",), ("arch",), ("input",), (), {"input": "path"}),
+}
+
+
+@dataclass
+class Step:
+    run: str
+    params: dict  # with {recipe_dir} substituted
+    raw: dict  # as written in the recipe (reported, so reports hold no absolute paths)
+
+
+@dataclass
+class Plan:
+    recipe: Path
+    name: str
+    out_dir: Path
+    steps: list[Step]
+
+    def describe(self) -> dict:
+        return {"recipe": self.recipe.name, "name": self.name, "out_dir": str(self.out_dir),
+                "steps": [{"run": s.run, "params": s.raw} for s in self.steps]}
+
+
+def _substitute(value, recipe_dir: str):
+    if isinstance(value, str):
+        return value.replace("{recipe_dir}", recipe_dir)
+    if isinstance(value, list):
+        return [_substitute(v, recipe_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, recipe_dir) for k, v in value.items()}
+    return value
+
+
+def plan(recipe: str | Path, out: str | Path | None = None) -> Plan:
+    """Parse and validate a recipe without running anything."""
+    recipe = Path(recipe)
+    if not recipe.exists():
+        raise EdgecError(f"no such recipe: {recipe}")
+    try:
+        doc = tomllib.loads(recipe.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise EdgecError(f"{recipe} is not valid TOML: {exc}") from None
+    unknown = set(doc) - {"name", "steps", "description"}
+    if unknown:
+        raise EdgecError(f"{recipe}: unknown top-level key(s) {', '.join(sorted(unknown))}")
+    raw_steps = doc.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise EdgecError(f"{recipe}: no [[steps]] to run")
+    out_dir = Path(out) if out else Path("out") / recipe.stem
+    recipe_dir = str(recipe.parent.resolve())
+    steps, produced = [], set()
+    for i, raw in enumerate(raw_steps, 1):
+        where = f"{recipe}: step {i}"
+        if not isinstance(raw, dict) or "run" not in raw:
+            raise EdgecError(f"{where} has no 'run' key; steps: {', '.join(STEPS)}")
+        name = raw["run"]
+        sdef = STEPS.get(name)
+        if sdef is None:
+            raise EdgecError(f"{where}: unknown step '{name}'; steps: {', '.join(STEPS)}")
+        params = {k.replace("-", "_"): _substitute(v, recipe_dir) for k, v in raw.items() if k != "run"}
+        allowed = set(sdef.required) | set(sdef.optional)
+        extra = sorted(set(params) - allowed)
+        if extra:
+            raise EdgecError(f"{where} ({name}): unknown parameter(s) {', '.join(extra)}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+        missing = [k for k in sdef.required if k not in params]
+        if missing:
+            raise EdgecError(f"{where} ({name}): missing parameter(s) {', '.join(missing)}")
+        for key in sdef.inputs:
+            if key in params:
+                path = _resolve(params[key], out_dir)
+                if str(path) not in produced and not path.exists():
+                    raise EdgecError(f"{where} ({name}): {key} '{params[key]}' does not exist and no earlier step writes it")
+        for key in sdef.outputs:
+            if key in params:
+                produced.add(str(_resolve(params[key], out_dir)))
+        steps.append(Step(name, params, {k: v for k, v in raw.items() if k != "run"}))
+    return Plan(recipe, str(doc.get("name", recipe.stem)), out_dir, steps)
+
+
+def _resolve(value: str, out_dir: Path) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else out_dir / p
+
+
+def execute(plan: Plan, progress=None) -> dict:
+    """Run the steps in order; stop at the first failure. Always writes report.json."""
+    from edgec import api
+    from edgec.checkpoint import atomic_write
+    from edgec.graph import canonical_json
+
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    task = progress.add_task(f"recipe {plan.name}", total=len(plan.steps)) if progress else None
+    report = {"recipe": plan.name, "out_dir": str(plan.out_dir), "status": "ok", "exit_code": 0, "steps": []}
+    for i, step in enumerate(plan.steps, 1):
+        sdef = STEPS[step.run]
+        if progress:
+            progress.update(task, description=f"step {i}/{len(plan.steps)}: {step.run}")
+        kwargs = {}
+        for key, value in step.params.items():
+            if key in sdef.inputs or key in sdef.outputs:
+                value = str(_resolve(value, plan.out_dir))
+            kwargs[sdef.rename.get(key, key)] = value
+        entry = {"step": i, "run": step.run, "params": step.raw}
+        start = time.perf_counter()
+        try:
+            entry["result"] = getattr(api, sdef.func)(**kwargs)
+            entry["status"] = "ok"
+        except CheckFailed as exc:
+            entry.update(status="check failed", error=str(exc))
+            report.update(status="failed", exit_code=exc.exit_code)
+        except EdgecError as exc:
+            entry.update(status="bad input", error=str(exc))
+            report.update(status="failed", exit_code=exc.exit_code)
+        except Exception as exc:  # a bug: recorded, not a traceback
+            entry.update(status="internal error", error=f"{type(exc).__name__}: {exc}")
+            report.update(status="failed", exit_code=EXIT_INTERNAL)
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        report["steps"].append(entry)
+        if progress:
+            progress.advance(task)
+        if report["status"] != "ok":
+            break
+    atomic_write(plan.out_dir / "report.json", (canonical_json(report) + "\n").encode())
+    return report
+
+
+def render_report(report: dict):
+    from rich.table import Table
+
+    from edgec.render import check_text, human_bytes
+
+    table = Table(title=f"recipe {report['recipe']}: {report['status']} (report: {report['out_dir']}/report.json)",
+                  title_justify="left")
+    for col in ("#", "step", "status", "seconds", "output", "details"):
+        table.add_column(col)
+    for e in report["steps"]:
+        res = e.get("result") or {}
+        details = []
+        if "file_bytes" in res:
+            details.append(human_bytes(res["file_bytes"]))
+        if res.get("params") is not None and isinstance(res.get("params"), int):
+            details.append(f"{res['params']:,} params")
+        for c in (res.get("checks") or {}).values():
+            details.append(check_text(c))
+        for p in res.get("passes", []) if isinstance(res.get("passes"), list) else []:
+            for c in (p.get("checks") or {}).values():
+                details.append(f"{p['pass']} {check_text(c)}")
+        if res.get("summary") and not res.get("folded", True):
+            details.append(res["summary"])
+        if e.get("error"):
+            details.append(e["error"])
+        table.add_row(str(e["step"]), e["run"], e["status"], f"{e['seconds']:.1f}", str(res.get("output", "-")),
+                      "; ".join(details))
+    return table

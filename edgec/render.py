@@ -1,0 +1,119 @@
+"""Rich rendering of API results (tables, trees). Imports nothing heavy."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def error_line(label: str, message: str) -> None:
+    """One line on stderr; the message is plain text (shapes like [3, 4] are not rich markup)."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f} k"
+    return str(n)
+
+
+def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def rows_table(title: str, columns: list[str], rows: list[list]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    return table
+
+
+@contextlib.contextmanager
+def spinner(text: str, enabled: bool = True):
+    """A live indicator for one long step (stderr, so --json stdout stays clean)."""
+    if not enabled or not err_console.is_terminal:
+        yield lambda *_: None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task(text, total=None)
+        yield lambda desc: progress.update(task, description=f"{text}: {desc}")
+
+
+@contextlib.contextmanager
+def progress_bar(text: str, total: int, enabled: bool = True):
+    if not enabled:
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=False) as progress:
+        yield progress
+
+
+def check_text(check: dict) -> str:
+    if not isinstance(check, dict) or "rel_error" not in check:
+        return str(check)
+    mark = "ok" if check.get("passed", True) else "FAILED"
+    return f"{mark}: rel. error {check['rel_error']:.2e} (tol {check['tolerance']:.0e})"
+
+
+def provenance_tree(title: str, records: list[dict]) -> Tree:
+    tree = Tree(title)
+    for i, rec in enumerate(records):
+        label = f"[bold]{i + 1}. {rec.get('pass')}[/] v{rec.get('version', 1)}"
+        if rec.get("summary"):
+            label += f" — {rec['summary']}"
+        node = tree.add(label)
+        params = rec.get("params") or {}
+        if params:
+            node.add("params: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items())))
+        for name, check in (rec.get("checks") or {}).items():
+            node.add(f"check {name}: {check_text(check)}")
+        metrics = rec.get("metrics")
+        if metrics and "before" in metrics:
+            b, a = metrics["before"], metrics["after"]
+            node.add(f"params {human_count(b['params'])} → {human_count(a['params'])}, "
+                     f"bytes {human_bytes(b['bytes'])} → {human_bytes(a['bytes'])}")
+        if rec.get("output_digest"):
+            node.add(f"digest {rec['output_digest'][:16]}")
+    return tree
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."

@@ -1,0 +1,138 @@
+"""CLI behaviour: lazy imports, version, fold/export/inspect output, recipes and their exit codes."""
+import json
+import subprocess
+import sys
+
+import onnx
+
+from conftest import ROOT, run_cli
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from edgec.cli import app; import typer.main as m; "
+            "sys.argv=['edgec','--help']\ntry:\n  app()\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
+    proc = run_cli("--version", check=0)
+    assert proc.stdout.startswith("edgec ")
+
+
+def test_zoo_list_json():
+    rows = json.loads(run_cli("zoo", "list", "--json", check=0).stdout)
+    assert {r["name"] for r in rows} == {"convtransformer", "conformer", "hafformer", "resnet", "bert"}
+    assert all(r["params"] > 10_000 for r in rows)
+
+
+def test_zoo_create_set_and_bad_key(tmp_path):
+    out = tmp_path / "m.pt"
+    res = json.loads(run_cli("zoo", "create", "convtransformer", "--set", "d_model=32", "--set", "num_layers=1",
+                             "-o", out, "--json", check=0).stdout)
+    assert res["config"]["d_model"] == 32 and out.exists()
+    proc = run_cli("zoo", "create", "convtransformer", "--set", "dmodel=32", "-o", tmp_path / "x.pt")
+    assert proc.returncode == 2 and "'dmodel' is not a config key" in proc.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_fold_default_name_and_nothing_to_fold(tmp_path, conformer_ckpt):
+    src = tmp_path / "c.pt"
+    src.write_bytes(conformer_ckpt.read_bytes())
+    res = json.loads(run_cli("fold", src, "--json", check=0).stdout)
+    assert res["output"].endswith("c.folded.pt") and res["folded"]
+    assert src.read_bytes() == conformer_ckpt.read_bytes()  # input untouched
+    proc = run_cli("fold", tmp_path / "c.folded.pt", "-o", tmp_path / "again.pt", check=0)
+    assert "nothing to fold" in proc.stdout
+    proc = run_cli("fold", src, "-o", src)
+    assert proc.returncode == 2 and "refusing to overwrite the input" in proc.stderr
+
+
+def test_inspect_pt_and_onnx(tmp_path, conformer_ckpt):
+    folded = tmp_path / "f.pt"
+    run_cli("fold", conformer_ckpt, "-o", folded, check=0)
+    pt = json.loads(run_cli("inspect", folded, "--json", check=0).stdout)
+    assert pt["kind"] == "checkpoint" and pt["arch"] == "conformer"
+    assert [r["pass"] for r in pt["provenance"]] == ["zoo.create", "fold.batchnorm"]
+    assert pt["structural_passes"][0]["pass"] == "fold.batchnorm"
+    assert "BatchNorm1d" not in pt["modules"]
+    onnx_path = tmp_path / "f.onnx"
+    run_cli("export", folded, "-o", onnx_path, check=0)
+    info = json.loads(run_cli("inspect", onnx_path, "--json", check=0).stdout)
+    assert info["kind"] == "onnx" and info["opsets"]["ai.onnx"] == 20
+    assert [r["pass"] for r in info["provenance"]] == ["zoo.create", "fold.batchnorm", "export.onnx"]
+    assert info["ops"]["Conv"] >= 1 and info["file_bytes"] == onnx_path.stat().st_size
+    human = run_cli("inspect", onnx_path, check=0).stdout
+    assert "provenance" in human and "fold.batchnorm" in human and "export.onnx" in human
+
+
+RECIPE = """
+name = "t"
+[[steps]]
+run = "zoo.create"
+name = "resnet"
+output = "base.pt"
+set = {base_width = 8}
+[[steps]]
+run = "fold"
+input = "base.pt"
+output = "folded.pt"
+[[steps]]
+run = "export"
+input = "folded.pt"
+output = "model.onnx"
+[[steps]]
+run = "inspect"
+input = "model.onnx"
+"""
+
+
+def test_recipe_dry_run_and_run(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    plan = json.loads(run_cli("run", recipe, "--out", out, "--dry-run", "--json", check=0).stdout)
+    assert [s["run"] for s in plan["steps"]] == ["zoo.create", "fold", "export", "inspect"]
+    assert not out.exists()
+    run_cli("run", recipe, "--out", out, check=0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and [s["status"] for s in report["steps"]] == ["ok"] * 4
+    model = onnx.load(str(out / "model.onnx"))
+    prov = json.loads(next(p.value for p in model.metadata_props if p.key == "edgec.provenance"))
+    assert [r["pass"] for r in prov["passes"]] == ["zoo.create", "fold.batchnorm", "export.onnx"]
+    assert report["steps"][2]["result"]["sha256"]
+    assert str(tmp_path) not in (out / "report.json").read_text().replace(str(out), "")
+
+
+def test_recipe_bad_input_exit_2(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[[steps]]\nrun = "fold"\ninput = "missing.pt"\n')
+    proc = run_cli("run", recipe, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "missing.pt" in proc.stderr and "does not exist" in proc.stderr
+    recipe.write_text('[[steps]]\nrun = "fold"\nimput = "x.pt"\n')
+    proc = run_cli("run", recipe, "--dry-run")
+    assert proc.returncode == 2 and "unknown parameter(s) imput" in proc.stderr
+    recipe.write_text('[[steps]]\nrun = "fly"\n')
+    proc = run_cli("run", recipe, "--dry-run")
+    assert proc.returncode == 2 and "unknown step 'fly'" in proc.stderr
+
+
+def test_recipe_step_failure_writes_report(tmp_path, conformer_ckpt):
+    bad = tmp_path / "o" / "corrupt.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(conformer_ckpt.read_bytes()[:4000])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[steps]]\nrun = "export"\ninput = "corrupt.pt"\noutput = "m.onnx"\n')
+    proc = run_cli("run", recipe, "--out", tmp_path / "o")
+    assert proc.returncode == 2
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["steps"][0]["status"] == "bad input" and "truncated" in report["steps"][0]["error"]
+    assert not (tmp_path / "o" / "m.onnx").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("--debug", "inspect", tmp_path / "missing.pt")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_demo_recipe_is_valid():
+    proc = run_cli("run", ROOT / "fixtures" / "demo.toml", "--dry-run", "--json", check=0)
+    assert json.loads(proc.stdout)["steps"]
