@@ -10,7 +10,7 @@ from edgec.errors import EdgecError
 
 # Fold passes tried by `edgec fold`, in order: scaffolds first (they may sit in front of layers that
 # other folds then see), BatchNorm last.
-FOLD_PASSES = ["fold.batchnorm"]
+FOLD_PASSES = ["fold.hrf", "fold.batchnorm"]
 
 
 def _out_path(input_path: str | Path, output: str | Path | None, suffix: str) -> Path:
@@ -90,6 +90,24 @@ def run_passes(model, names: list[str], params: dict | None = None, progress=Non
     return PassManager(passes)(model, progress=progress)
 
 
+def scaffold(kind: str, input_path: str | Path, output: str | Path, arch: str | None = None,
+             progress=None, **params) -> dict:
+    """Insert a training scaffold (``kind``: hrf) with the pass's parameters."""
+    model = load(input_path, arch)
+    out = _out_path(input_path, output, f".{kind}.pt")
+    before = _model_summary(model)
+    params = {k: v for k, v in params.items() if v is not None}
+    scaffolded, records = run_passes(model, [f"scaffold.{kind}"], {f"scaffold.{kind}": params}, progress)
+    rec = records[0]
+    return save(scaffolded, out) | {"input": str(input_path), "before": before, "summary": rec["summary"],
+                                    "checks": rec["checks"], "scaffold_params": rec["params"],
+                                    "scaffolds": len(scaffolded.scaffolds())}
+
+
+def scaffold_hrf(input_path, output, **params) -> dict:
+    return scaffold("hrf", input_path, output, **params)
+
+
 def fold(input_path: str | Path, output: str | Path | None = None, arch: str | None = None, progress=None) -> dict:
     model = load(input_path, arch)
     out = _out_path(input_path, output, ".folded.pt")
@@ -120,6 +138,24 @@ def export(input_path: str | Path, output: str | Path | None = None, opset: int 
             "sha256": hashlib.sha256(data).hexdigest(), "opset": opset or DEFAULT_OPSET,
             "params": model.param_count(), "checks": record["checks"], "max_rel_error": parity["rel_error"],
             "passes": len(model.provenance) + 1}
+
+
+def finetune(input_path: str | Path, data: str, output: str | Path, **options) -> dict:
+    """Real training (AdamW, warm-up + cosine, clipping, keep-best, resumable, DDP under torchrun);
+    see edgec.train.job.finetune_file for the options."""
+    from edgec.train.job import finetune_file
+
+    return finetune_file(input_path, data, output, **{k: v for k, v in options.items() if v is not None})
+
+
+def evaluate(input_path: str | Path, data: str, split: str | None = "test", threads: int = 1,
+             latency_batch: int = 1, latency: bool = True, arch: str | None = None, n_mels: int | None = None,
+             frames: int = 200, batch_size: int = 64, progress=None) -> dict:
+    """The one evaluation protocol for .pt and .onnx: task metrics, size, ORT latency (see edgec.evaluate)."""
+    from edgec.evaluate import evaluate as run_eval
+
+    return run_eval(input_path, data, split=split, threads=threads, latency_batch=latency_batch, latency=latency,
+                    arch=arch, n_mels=n_mels, frames=frames, batch_size=batch_size, progress=progress)
 
 
 def inspect(path: str | Path, arch: str | None = None) -> dict:

@@ -19,6 +19,8 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list and create
 import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints from other formats.")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(import_app, name="import")
+scaffold_app = typer.Typer(no_args_is_help=True, help="Insert training-time scaffolds (folded back by `edgec fold`).")
+app.add_typer(scaffold_app, name="scaffold")
 
 STATE = {"debug": bool(os.environ.get("EDGEC_DEBUG"))}
 
@@ -114,6 +116,36 @@ def import_hf(
 
 # --- passes ----------------------------------------------------------------------------------------
 
+def _show_scaffold(res: dict, as_json: bool) -> None:
+    if as_json:
+        return r.print_json(res)
+    rows = [("scaffold", res["summary"]), ("parameters", ", ".join(f"{k}={v}" for k, v in res["scaffold_params"].items())),
+            ("params (training)", f"{r.human_count(res['before']['params'])} → {r.human_count(res['params'])}")]
+    rows += [(f"check {k}", r.check_text(v)) for k, v in res["checks"].items()]
+    r.console.print(r.kv_table("scaffold", rows + [("output", res["output"])]))
+
+
+@scaffold_app.command("hrf")
+def scaffold_hrf(
+    model: Annotated[Path, typer.Argument(help="Checkpoint with transformer FFNs.")],
+    output: OutOpt = None,
+    expand: Annotated[int, typer.Option("--expand", help="K: H maps d → K·d.")] = 4,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Glob over FFN first-linear names (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob to skip (repeatable).")] = None,
+    init: Annotated[str, typer.Option("--init", help="default (train from scratch) | preserve (function-preserving).")] = "default",
+    seed: Annotated[int, typer.Option(help="Seed for the inserted weights.")] = 0,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """HRF: insert H (d → K·d) in front of every FFN's first linear; `edgec fold` folds it back exactly."""
+    from edgec import api
+
+    with r.spinner("scaffolding", not as_json) as update:
+        res = api.scaffold("hrf", model, output, arch, progress=update, expand=expand, include=include or None,
+                           exclude=exclude or None, init=init, seed=seed)
+    _show_scaffold(res, as_json)
+
+
 @app.command("fold")
 def fold(
     model: Annotated[Path, typer.Argument(help="Checkpoint to fold.")],
@@ -160,6 +192,66 @@ def export(
         rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", r.check_text(p | {
             "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
     r.console.print(r.kv_table("export", rows))
+
+
+@app.command("finetune")
+def finetune(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to train (scaffolded or not).")],
+    data: Annotated[str, typer.Option("--data", help="Audio folder with labels.csv, tensor file or package.module:function.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Best checkpoint to write.")],
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split across processes).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.01,
+    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of all steps, then cosine decay.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for data order, dropout and initialisation.")] = 0,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Checkpoint for logits distillation.")] = None,
+    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of the distillation term.")] = 0.5,
+    kd_temperature: Annotated[float, typer.Option("--kd-temperature")] = 2.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file of an interrupted run.")] = False,
+    resume_file: Annotated[Optional[Path], typer.Option("--resume-file", help="Default: <output>.resume.")] = None,
+    keep_resume: Annotated[bool, typer.Option("--keep-resume", help="Keep the resume file after success.")] = False,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Fine-tune on real data: AdamW, warm-up + cosine, clipping, keep-best, resumable; DDP under torchrun."""
+    from edgec import api
+
+    with r.TrainProgress(not as_json) as progress:
+        res = api.finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
+                           teacher=teacher, kd_weight=kd_weight, kd_temperature=kd_temperature, resume=resume,
+                           resume_file=resume_file, keep_resume=keep_resume, arch=arch, progress=progress)
+    if res.get("rank", 0) != 0:
+        return
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.finetune_table(res))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="A .pt checkpoint or an .onnx file.")],
+    data: Annotated[str, typer.Option("--data", help="Audio folder with labels.csv, tensor file (.pt/.npz/"
+                                      ".safetensors) or package.module:function.")],
+    split: Annotated[str, typer.Option(help="Split to score (test falls back to val when absent).")] = "test",
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads for latency.")] = 1,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size for the latency run.")] = 1,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
+    n_mels: Annotated[Optional[int], typer.Option("--n-mels", help="Log-mel bins (default: the model's).")] = None,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Score a checkpoint or ONNX file with one protocol: accuracy/WA, UAR, macro-F1 (or CCC, MAE), size, latency."""
+    from edgec import api
+
+    with r.spinner("evaluating", not as_json) as update:
+        res = api.evaluate(model, data, split=split, threads=threads, latency_batch=latency_batch,
+                           latency=not no_latency, arch=arch, n_mels=n_mels, progress=update)
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.eval_table(res))
 
 
 @app.command("inspect")

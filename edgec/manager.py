@@ -119,6 +119,8 @@ def _describe_check(check: dict) -> str:
 # Registry of pass names -> "module:Class" (lazy, so listing passes imports nothing heavy).
 PASSES: dict[str, str] = {
     "fold.batchnorm": "edgec.passes.bnfold:FoldBatchNorm",
+    "scaffold.hrf": "edgec.passes.hrf:HRFScaffold",
+    "fold.hrf": "edgec.passes.hrf:FoldHRF",
 }
 
 

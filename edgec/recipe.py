@@ -39,9 +39,18 @@ STEPS: dict[str, StepDef] = {
     "zoo.create": StepDef("zoo_create", ("name", "output"), ("set", "seed"), (), ("output",),
                           {"set": "overrides"}),
     "import.hf": StepDef("import_hf", ("folder", "output"), (), ("folder",), ("output",)),
+    "scaffold.hrf": StepDef("scaffold_hrf", ("input", "output"), ("expand", "include", "exclude", "init", "seed", "arch"),
+                            ("input",), ("output",), {"input": "input_path"}),
     "fold": StepDef("fold", ("input",), ("output", "arch"), ("input",), ("output",), {"input": "input_path"}),
     "export": StepDef("export", ("input",), ("output", "opset", "arch"), ("input",), ("output",),
                       {"input": "input_path"}),
+    "finetune": StepDef("finetune", ("input", "data", "output"),
+                        ("epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed", "teacher",
+                         "kd_weight", "kd_temperature", "arch"), ("input", "data", "teacher"), ("output",),
+                        {"input": "input_path"}),
+    "eval": StepDef("evaluate", ("input", "data"), ("split", "threads", "latency_batch", "latency", "arch", "n_mels",
+                                                     "frames", "batch_size"), ("input", "data"), (),
+                    {"input": "input_path"}),
     "inspect": StepDef("inspect", ("input",), ("arch",), ("input",), (), {"input": "path"}),
 }
 
@@ -169,31 +178,44 @@ def execute(plan: Plan, progress=None) -> dict:
     return report
 
 
+def step_details(run: str, res: dict) -> str:
+    """One readable line per step kind for the summary table."""
+    from edgec.render import check_text, human_bytes, human_count
+
+    if run in ("zoo.create", "import.hf"):
+        return f"{human_count(res['params'])} params, {human_bytes(res['file_bytes'])}"
+    if run.startswith("scaffold."):
+        return res["summary"]
+    if run == "finetune":
+        m = res["monitor"]
+        return f"best epoch {res['best_epoch']}/{len(res['history'])}: val {m} {res['best'][m]:.3f}, {res['seconds']:.0f} s"
+    if run == "fold":
+        parts = [f"{p['pass']} {check_text(c)}" for p in res["passes"] for c in (p.get("checks") or {}).values()]
+        return "; ".join(parts) or res["summary"]
+    if run == "export":
+        return f"{human_bytes(res['file_bytes'])}, ORT parity {check_text(res['checks']['ort_parity'])}"
+    if run == "eval":
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items() if k in ("accuracy", "uar", "ccc", "mae"))
+        lat = res.get("latency")
+        return metrics + (f", {lat['median_ms']:.2f} ms (batch {lat['batch']})" if lat else "")
+    if run == "inspect":
+        return f"{len(res['provenance'])} provenance record(s), {human_count(res['params'])} params"
+    return ""
+
+
 def render_report(report: dict):
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    from edgec.render import check_text, human_bytes
-
-    table = Table(title=f"recipe {report['recipe']}: {report['status']} (report: {report['out_dir']}/report.json)",
-                  title_justify="left")
-    for col in ("#", "step", "status", "seconds", "output", "details"):
+    table = Table(title=f"recipe {report['recipe']}: {report['status']}", title_justify="left")
+    for col in ("#", "step", "status", "s", "output", "details"):
         table.add_column(col)
     for e in report["steps"]:
         res = e.get("result") or {}
-        details = []
-        if "file_bytes" in res:
-            details.append(human_bytes(res["file_bytes"]))
-        if res.get("params") is not None and isinstance(res.get("params"), int):
-            details.append(f"{res['params']:,} params")
-        for c in (res.get("checks") or {}).values():
-            details.append(check_text(c))
-        for p in res.get("passes", []) if isinstance(res.get("passes"), list) else []:
-            for c in (p.get("checks") or {}).values():
-                details.append(f"{p['pass']} {check_text(c)}")
-        if res.get("summary") and not res.get("folded", True):
-            details.append(res["summary"])
-        if e.get("error"):
-            details.append(e["error"])
-        table.add_row(str(e["step"]), e["run"], e["status"], f"{e['seconds']:.1f}", str(res.get("output", "-")),
-                      "; ".join(details))
-    return table
+        details = e.get("error") or step_details(e["run"], res)
+        table.add_row(str(e["step"]), e["run"], e["status"], f"{e['seconds']:.1f}", Path(str(res.get("output", "-"))).name,
+                      details)
+    outputs = [e["result"]["output"] for e in report["steps"] if e.get("result", {}).get("output")]
+    footer = Text(f"report: {report['out_dir']}/report.json" + (f"   artifact: {outputs[-1]}" if outputs else ""))
+    return Group(table, footer)

@@ -117,3 +117,76 @@ def provenance_tree(title: str, records: list[dict]) -> Tree:
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def eval_table(res: dict) -> Table:
+    """One evaluation as a table (the same rows whatever the file format)."""
+    rows = [("file", f"{res['file']} ({res['format']}, {human_bytes(res['file_bytes'])})"),
+            ("data", f"{res['data']} — split {res['split']}, n={res['n']}" + (f" ({res['split_note']})" if res.get("split_note") else ""))]
+    for k, v in res["metrics"].items():
+        rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    rows.append(("params", human_count(res.get("params"))))
+    if res.get("onnx_bytes"):
+        rows.append(("ONNX size", human_bytes(res["onnx_bytes"])))
+    lat = res.get("latency")
+    if lat:
+        rows.append((f"latency (ORT, batch {lat['batch']}, {lat['threads']} thread(s))",
+                     f"{lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f}, n={lat['repeats']})"))
+    else:
+        rows.append(("latency", res.get("latency_note") or "-"))
+    for note in res.get("notes") or []:
+        rows.append(("note", note))
+    return kv_table(f"eval {res['file']}", rows)
+
+
+class TrainProgress:
+    """Turns edgec.train progress events into a rich progress bar with loss and the validation metric."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+        self.last = ""
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[status]}"), console=err_console)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        if not self.progress:
+            return
+        kind = event.get("event")
+        if kind == "start":
+            done = (event["start_epoch"] - 1) * event["steps_per_epoch"]
+            self.task = self.progress.add_task("fine-tuning", total=event["total_steps"], completed=done, status="")
+        elif kind == "step" and self.task is not None:
+            self.progress.update(self.task, completed=event["global_step"],
+                                 description=f"epoch {event['epoch']}/{event['epochs']}",
+                                 status=f"loss {event['loss']:.4f}{self.last}")
+        elif kind == "epoch" and self.task is not None:
+            m = event["monitor"]
+            self.last = f" | val {m} {event['val'][m]:.4f} (best epoch {event['best_epoch']})"
+            self.progress.update(self.task, status=f"train loss {event['train_loss']:.4f}{self.last}")
+            self.progress.console.print(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
+                                        + ", ".join(f"val {k} {v:.4f}" for k, v in event["val"].items()
+                                                    if isinstance(v, float) and k != "wa")
+                                        + (" *" if event["is_best"] else ""), highlight=False)
+
+
+def finetune_table(res: dict) -> Table:
+    best = res["best"]
+    rows = [("output", res["output"]), ("data", f"{res['data']} ({res['task']})"),
+            ("best epoch", f"{res['best_epoch']} of {len(res['history'])} (by val {res['monitor']})")]
+    rows += [(f"val {k}", f"{v:.4f}") for k, v in best.items() if isinstance(v, float)]
+    rows += [("steps", res["steps"]), ("processes", res["world_size"]),
+             ("time", f"{res['seconds']:.1f} s"), ("params", human_count(res["params"]))]
+    rows += [("note", n) for n in res.get("notes") or []]
+    return kv_table("finetune", rows)

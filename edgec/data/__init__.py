@@ -1,0 +1,94 @@
+"""Dataset readers: tensor files, wav + labels.csv folders, Python entry points.
+
+    bundle = load_data("train/")                       # audio folder with labels.csv
+    bundle = load_data("digits.npz")                   # .pt / .npz / .safetensors
+    bundle = load_data("mypkg.data:make_datasets")     # Python entry point
+    loader = DataLoader(bundle.split("train"), batch_size=32, shuffle=True)  # default collate stacks
+
+Items are ``(input_tensor, target)``: int64 scalar targets for classification, float32 for regression.
+All problems raise ``EdgecError`` with one line naming the file (and the csv row).
+"""
+from __future__ import annotations
+
+import os
+
+from edgec.data.bundle import SPLIT_NAMES, DataBundle, TensorPairDataset
+from edgec.data.features import compute_features, feature_params, log_mel
+from edgec.errors import EdgecError
+
+__all__ = [
+    "DataBundle",
+    "SPLIT_NAMES",
+    "TensorPairDataset",
+    "compute_features",
+    "feature_params",
+    "load_data",
+    "log_mel",
+    "source_kind",
+]
+
+
+def source_kind(source: str) -> str:
+    """"audio" | "tensors" | "entry" for a source string (raises EdgecError if it names nothing)."""
+    from edgec.data.entrypoint import is_entry_point
+    from edgec.data.tensors import TENSOR_SUFFIXES
+
+    src = os.fspath(source)
+    if os.path.isdir(src):
+        return "audio"
+    if os.path.isfile(src):
+        if os.path.basename(src) == "labels.csv":
+            return "audio"
+        if src.lower().endswith(TENSOR_SUFFIXES):
+            return "tensors"
+        raise EdgecError(
+            f"{src}: unknown data file type (expected a folder with labels.csv, {', '.join(TENSOR_SUFFIXES)}, or package.module:function)"
+        )
+    if is_entry_point(src):
+        return "entry"
+    if src.lower().endswith(TENSOR_SUFFIXES):
+        raise EdgecError(f"{src}: no such data file")
+    raise EdgecError(f"{src}: no such data folder or file (expected a folder with labels.csv, a tensor file, or package.module:function)")
+
+
+def load_data(
+    source: str,
+    *,
+    sample_rate: int = 16000,
+    n_mels: int = 40,
+    frames: int = 200,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    normalize: str = "utterance",
+) -> DataBundle:
+    """Load a dataset from a folder (labels.csv + wavs), a tensor file, or `package.module:function`.
+
+    sample_rate/n_mels/frames/normalize/cache_dir apply to audio folders only; val_fraction and seed
+    decide the val split when the source has none (speaker-disjoint for audio with speakers).
+    """
+    source = os.fspath(source)
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise EdgecError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    kind = source_kind(source)
+    if kind == "audio":
+        from edgec.data.audio import load_audio_folder
+
+        folder = (os.path.dirname(source) or ".") if os.path.isfile(source) else source
+        return load_audio_folder(
+            folder,
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            frames=frames,
+            val_fraction=val_fraction,
+            seed=seed,
+            cache_dir=cache_dir,
+            normalize=normalize,
+        )
+    if kind == "tensors":
+        from edgec.data.tensors import load_tensor_file
+
+        return load_tensor_file(source, val_fraction=val_fraction, seed=seed)
+    from edgec.data.entrypoint import load_entry_point
+
+    return load_entry_point(source, val_fraction=val_fraction, seed=seed)

@@ -1,0 +1,547 @@
+"""`edgec eval`: one evaluation protocol for every artifact (ParaLBench's idea applied to compressed variants).
+
+Whatever the file -- a checkpoint (``.pt``) at any stage of the pipeline or an exported ``.onnx`` -- the
+same data split is read the same way, fed in the same batches, and scored with the same metrics
+(``edgec.metrics``): accuracy (= WA), UAR and macro-F1 for classification, CCC and MAE (and RMSE) for
+regression, plus the mean loss (cross-entropy from the logits; MSE for regression). So a row for
+``base.pt``, ``folded.pt``, ``small.pt`` and ``small.onnx`` in one table is a fair comparison.
+
+* Predictions: a checkpoint runs in torch (eval mode, ``Model.run``); an ONNX file runs in onnxruntime
+  with the session options of ``edgec.latency.measure`` (the deployed behaviour, optimisations on).
+* Latency: always measured in onnxruntime with ``edgec.latency.measure`` (median of repeated runs after
+  warm-up) on the first ``latency_batch`` items of the evaluated split. A checkpoint is exported to
+  ONNX in memory for this (not verified, nothing written); one that still carries training scaffolds
+  cannot be exported, so its latency is ``None`` with the reason in ``latency_note`` (metrics are still
+  computed in torch).
+* Split: ``test`` by default; a source without a test split falls back to ``val`` and says so in
+  ``split_note``. Any other split named explicitly is used as is (error if absent).
+* Inputs: each data item is one tensor, fed to the model's first input; further inputs are filled
+  when that is well defined (attention masks: ones; token type ids: zeros). The data's item shape is
+  checked against the model's declared input shape first, with a one-line EdgecError naming the axis.
+* Audio folders are featurised with the model's ``n_mels`` unless ``n_mels`` is given.
+
+``params``: trainable parameters for a checkpoint, initializer elements for an ONNX file (the exporter
+folds BatchNorm into convolutions, so an exported file can count slightly fewer). ``onnx_bytes``: size
+of the deployable ONNX -- the file itself, or the in-memory export of a checkpoint (without the
+provenance metadata, so a little smaller than the file `edgec export` writes).
+
+The result is a plain JSON-serialisable dict with file names (never absolute paths). Everything except
+the latency numbers is deterministic.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import EdgecError
+
+DEFAULT_BATCH_SIZE = 64
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class InputInfo:
+    """One model input as eval sees it: name, dims (int = static, str = named dynamic axis), dtype and
+    (for inputs other than the first) how to fill it."""
+
+    name: str
+    dims: list  # int | str | None per axis
+    dtype: str = "float32"
+    fill: str | None = None  # "ones" | "zeros" | None (not fillable)
+    bounds: list = field(default_factory=list)  # (min, max) per axis for dynamic axes, None when unknown
+
+
+def _fill_for(name: str, ones_flag: bool = False) -> str | None:
+    lower = name.lower()
+    if ones_flag or "mask" in lower:
+        return "ones"
+    if "token_type" in lower or "segment" in lower:
+        return "zeros"
+    return None
+
+
+def inputs_from_spec(spec) -> list[InputInfo]:
+    out = []
+    for t in spec.inputs:
+        dims = [d if isinstance(d, int) else d.name for d in t.dims]
+        bounds = [None if isinstance(d, int) else (d.min, d.max) for d in t.dims]
+        out.append(InputInfo(t.name, dims, t.dtype, _fill_for(t.name, t.ones), bounds))
+    return out
+
+
+def inputs_from_onnx(proto, provenance: dict | None) -> list[InputInfo]:
+    """Graph inputs (minus initializers); dim names from the edgec provenance spec when present."""
+    initializers = {t.name for t in proto.graph.initializer}
+    spec_inputs = {i["name"]: i for i in ((provenance or {}).get("spec") or {}).get("inputs", [])
+                   if isinstance(i, dict) and "name" in i}
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        dims = []
+        for d in tt.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+        known = spec_inputs.get(vi.name)
+        if known and len(known.get("shape", [])) == len(dims):
+            dims = [d if isinstance(d, int) else s for d, s in zip(dims, known["shape"])]
+        import onnx
+
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "float32"
+        out.append(InputInfo(vi.name, dims, dtype, _fill_for(vi.name), [None] * len(dims)))
+    return out
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims) + "]"
+
+
+def check_data_fits(inputs: list[InputInfo], item_shape: tuple, item_dtype: str, hints: dict | None = None) -> None:
+    """Raise a one-line EdgecError when one data item (no batch axis) cannot feed the model's first input."""
+    if not inputs:
+        raise EdgecError("the model declares no inputs")
+    first = inputs[0]
+    model_dims = first.dims[1:]  # axis 0 is the batch
+    bounds = first.bounds[1:] if first.bounds else [None] * len(model_dims)
+    where = f"the model's input '{first.name}' is {_fmt_dims(first.dims)}"
+    shape = tuple(int(s) for s in item_shape)
+    if len(shape) != len(model_dims):
+        raise EdgecError(f"data does not fit the model: each data item has shape {shape} ({len(shape)} axes) but "
+                         f"{where}, i.e. {len(model_dims)} axes after the batch axis")
+    for axis, (got, want, bound) in enumerate(zip(shape, model_dims, bounds), start=1):
+        if isinstance(want, int) and got != want:
+            hint = _hint(first, axis, want, hints or {})
+            raise EdgecError(f"data does not fit the model: each data item has shape {shape} but {where} "
+                             f"(axis {axis}: data has {got}, the model needs {want}){hint}")
+        if not isinstance(want, int) and bound is not None and not bound[0] <= got <= bound[1]:
+            raise EdgecError(f"data does not fit the model: each data item has shape {shape} but {where} "
+                             f"(axis {axis} '{want}' must be in [{bound[0]}, {bound[1]}], data has {got})")
+    model_int = first.dtype.startswith("int")
+    data_int = item_dtype.startswith("int") or item_dtype.startswith("uint") or item_dtype == "bool"
+    if model_int and not data_int:
+        raise EdgecError(f"data does not fit the model: its input '{first.name}' takes {first.dtype} "
+                         f"(token ids) but the data items are {item_dtype}")
+
+
+def _hint(first: InputInfo, axis: int, want: int, hints: dict) -> str:
+    n_mels = hints.get("n_mels")
+    if n_mels is not None and want == n_mels and axis == len(first.dims) - 1:
+        return f"; the model takes {want} mel bins: featurise the audio with n_mels={want} (--n-mels {want})"
+    image = hints.get("image_size")
+    if image is not None and axis >= len(first.dims) - 2:
+        return f" (the model was built for {image}x{image} images)"
+    if axis == 1 and len(first.dims) == 4:
+        return " (input channels)"
+    return ""
+
+
+def build_feed(inputs: list[InputInfo], x: np.ndarray) -> dict[str, np.ndarray]:
+    """``{name: array}`` for a batch ``x`` of the first input; other inputs filled from their fill rule."""
+    first = inputs[0]
+    feed = {first.name: np.ascontiguousarray(x.astype(first.dtype, copy=False))}
+    named = {d: x.shape[i] for i, d in enumerate(first.dims) if isinstance(d, str)}
+    named.setdefault("batch", x.shape[0])
+    for info in inputs[1:]:
+        if info.fill is None:
+            raise EdgecError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); eval "
+                             f"feeds the data to '{first.name}' and cannot make up '{info.name}'")
+        shape = []
+        for i, d in enumerate(info.dims):
+            if isinstance(d, int):
+                shape.append(d)
+            elif d in named:
+                shape.append(named[d])
+            elif i < x.ndim and (i == 0 or len(info.dims) == x.ndim):
+                shape.append(x.shape[i])  # unnamed/renamed dynamic axis: assume it follows the first input
+            else:
+                raise EdgecError(f"cannot tell the shape of the model's input '{info.name}' {_fmt_dims(info.dims)}")
+        maker = np.ones if info.fill == "ones" else np.zeros
+        feed[info.name] = maker(shape, dtype=info.dtype)
+    return feed
+
+
+# ---------------------------------------------------------------------------------------------- runners
+class _TorchRunner:
+    by = "torch"
+
+    def __init__(self, model):
+        self.model = model
+        self.inputs = inputs_from_spec(model.spec)
+
+    def __call__(self, feed: dict) -> np.ndarray:
+        import torch
+
+        args = tuple(torch.from_numpy(feed[i.name]) for i in self.inputs)
+        return self.model.run(args)[0].numpy()
+
+
+class _OrtRunner:
+    by = "onnxruntime"
+
+    def __init__(self, session, inputs: list[InputInfo]):
+        self.session = session
+        self.inputs = inputs
+        outputs = [o.name for o in session.get_outputs()]
+        self.output = "logits" if "logits" in outputs else outputs[0]
+
+    def __call__(self, feed: dict) -> np.ndarray:
+        try:
+            return self.session.run([self.output], feed)[0]
+        except Exception as exc:  # onnxruntime's own exception types
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EdgecError(f"onnxruntime failed on the data: {msg}") from None
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _item_dtype(x) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def iter_batches(dataset, batch_size: int):
+    """Yield ``(inputs ndarray, targets ndarray)`` in dataset order."""
+    import torch
+
+    from edgec.data.bundle import TensorPairDataset
+
+    if batch_size < 1:
+        raise EdgecError(f"batch size must be >= 1, got {batch_size}")
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        if isinstance(dataset, TensorPairDataset):
+            x, y = dataset.inputs[start:stop], dataset.targets[start:stop]
+        else:
+            items = [dataset[i] for i in range(start, stop)]
+            xs = [torch.as_tensor(a) for a, _ in items]
+            if any(t.shape != xs[0].shape for t in xs):
+                raise EdgecError("data items differ in shape; eval needs fixed-size inputs (e.g. --frames for audio)")
+            x = torch.stack(xs)
+            y = torch.stack([torch.as_tensor(b) for _, b in items])
+        x = x.numpy() if x.dtype != torch.float64 else x.to(torch.float32).numpy()
+        yield x, y.numpy()
+
+
+def predict(runner, dataset, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """All outputs (first output, float64) and all targets for a dataset, in order."""
+    outs, targets = [], []
+    for x, y in iter_batches(dataset, batch_size):
+        out = np.asarray(runner(build_feed(runner.inputs, x)))
+        if out.shape[0] != x.shape[0]:
+            raise EdgecError(f"the model returned {out.shape[0]} rows for a batch of {x.shape[0]}")
+        outs.append(out.astype(np.float64))
+        targets.append(y)
+    return np.concatenate(outs), np.concatenate(targets)
+
+
+def score(outputs: np.ndarray, targets: np.ndarray, task: str, num_classes: int | None,
+          notes: list | None = None) -> tuple[dict, list]:
+    """Metrics (``edgec.metrics``) plus mean loss; returns (metrics, predictions as plain values).
+
+    A classifier with more outputs than the data has classes is scored over its own classes (the
+    extra ones count as errors when predicted, and a note says so); fewer outputs is an error.
+    """
+    from edgec.metrics import classification_metrics, regression_metrics
+
+    if task == "classification":
+        if outputs.ndim != 2:
+            raise EdgecError(f"a classifier must output (batch, classes) scores; the model outputs shape "
+                             f"{list(outputs.shape)}")
+        width = outputs.shape[1]
+        if num_classes is not None and width < num_classes:
+            raise EdgecError(f"the model outputs {width} class scores but the data has {num_classes} classes")
+        if num_classes is not None and width > num_classes and notes is not None:
+            notes.append(f"the model outputs {width} class scores but the data has {num_classes} classes; "
+                         f"predicting class ids {num_classes}..{width - 1} counts as an error")
+        if not np.all(np.isfinite(outputs)):
+            raise EdgecError("the model produced NaN/Inf outputs on the data")
+        pred = outputs.argmax(axis=1)
+        m = classification_metrics(targets, pred, width)
+        z = outputs - outputs.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss = float(-logp[np.arange(len(targets)), targets.astype(np.int64)].mean())
+        metrics = {"accuracy": m["accuracy"], "uar": m["uar"], "macro_f1": m["macro_f1"], "loss": loss}
+        return metrics, pred.astype(int).tolist()
+    t = targets.astype(np.float64)
+    t2 = t.reshape(len(t), -1)
+    if outputs.reshape(len(outputs), -1).shape[1] != t2.shape[1]:
+        raise EdgecError(f"the model outputs {outputs.reshape(len(outputs), -1).shape[1]} value(s) per item but "
+                         f"the data has {t2.shape[1]} regression target(s)")
+    p = outputs.reshape(t.shape)
+    m = regression_metrics(t, p)
+    metrics = {"ccc": m["ccc"], "mae": m["mae"], "rmse": m["rmse"], "loss": float(((t - p) ** 2).mean())}
+    return metrics, p.tolist()
+
+
+def choose_split(bundle, split: str | None) -> tuple[str, str | None]:
+    """``test`` (the default) falls back to ``val``; anything else is taken as asked."""
+    if split in (None, "test"):
+        if bundle.has_split("test"):
+            return "test", None
+        if bundle.has_split("val"):
+            return "val", "the data has no test split; evaluated on val"
+        have = ", ".join(f"{k} ({len(v)})" for k, v in bundle.splits.items()) or "none"
+        raise EdgecError(f"data {_name(bundle.source)} has neither a test nor a val split (it has: {have}); "
+                         "give --split explicitly")
+    bundle.split(split)  # raises a clear error if absent or empty
+    return split, None
+
+
+def _latency_batch(dataset, batch: int) -> np.ndarray:
+    """The first ``batch`` items of the split (cycled if the split is smaller)."""
+    x = next(iter_batches(dataset, min(batch, len(dataset))))[0]
+    if x.shape[0] < batch:
+        x = np.concatenate([x] * math.ceil(batch / x.shape[0]))[:batch]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _name(source) -> str:
+    s = os.fspath(source)
+    if os.path.exists(s):
+        p = Path(s)
+        return p.name or p.resolve().name
+    return s  # an entry point (package.module:function)
+
+
+def _onnx_file(path: Path):
+    import onnx
+
+    if not path.exists():
+        raise EdgecError(f"no such file: {path}")
+    if path.is_dir():
+        raise EdgecError(f"{path} is a directory, not an ONNX file")
+    data = path.read_bytes()
+    if not data:
+        raise EdgecError(f"{path} is empty")
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise EdgecError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise EdgecError(f"{path} is not a readable ONNX file (empty graph)")
+    if any(t.data_location == 1 for t in proto.graph.initializer):  # EXTERNAL
+        raise EdgecError(f"{path} keeps its weights in external data files; edgec evaluates single-file ONNX only")
+    return data, proto
+
+
+def onnx_params(proto) -> int:
+    """Number of weight elements: the sum of the initializers' sizes."""
+    total = 0
+    for t in proto.graph.initializer:
+        total += int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    return total
+
+
+def _say(progress, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def is_onnx_file(path: Path) -> bool:
+    """``.onnx`` by name; any other existing file that is not a zip (torch.save) but parses as ONNX."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    if path.suffix.lower() in (".pt", ".pth") or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" or not head:
+        return False
+    try:
+        import onnx
+
+        proto = onnx.load_model_from_string(path.read_bytes())
+    except Exception:
+        return False
+    return bool(proto.graph.node) and bool(proto.graph.output)
+
+
+def _pass_names(records) -> list[str]:
+    return [r.get("pass", "?") for r in records or [] if isinstance(r, dict)]
+
+
+# ---------------------------------------------------------------------------------------------- API
+def evaluate(path, data_source, *, split: str | None = "test", batch_size: int = DEFAULT_BATCH_SIZE,
+             threads: int = 1, latency_batch: int = 1, latency: bool = True, arch: str | None = None,
+             sample_rate: int = 16000, n_mels: int | None = None, frames: int = 200, val_fraction: float = 0.2,
+             seed: int = 0, cache_dir: str | None = None, normalize: str = "utterance",
+             ort_config: dict | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
+             return_predictions: bool = False, progress=None) -> dict:
+    """Evaluate a checkpoint or ONNX file on a data split with the one protocol; see the module docstring.
+
+    ``n_mels=None``: the model's own n_mels (audio folders only). ``ort_config``: onnxruntime session
+    config entries for the ONNX predictions and the latency session. ``return_predictions`` adds
+    ``predictions`` (class ids, or regression values) to the result. ``progress``: optional callable
+    taking one short status string per stage (for a spinner).
+    """
+    from edgec.data import load_data
+
+    path = Path(path)
+    is_onnx = is_onnx_file(path)
+    _say(progress, f"loading {path.name}")
+    if is_onnx:
+        data, proto = _onnx_file(path)
+        target = (data, proto)
+        from edgec.passes.export import read_provenance
+
+        try:
+            prov = read_provenance(proto)
+        except ValueError:
+            prov = None
+        config = (prov or {}).get("config") or {}
+    else:
+        from edgec.checkpoint import load_checkpoint
+
+        target = load_checkpoint(path, arch=arch)
+        config = target.config or {}
+        spec_n_mels = target.spec.extra.get("n_mels") if isinstance(target.spec.extra, dict) else None
+        config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
+    if n_mels is None:
+        n_mels = config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40
+    _say(progress, f"loading data {_name(data_source)}")
+    bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
+                       val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize)
+    result = evaluate_model(target, bundle, split=split, batch_size=batch_size, threads=threads,
+                            latency_batch=latency_batch, latency=latency, ort_config=ort_config, warmup=warmup,
+                            repeats=repeats, min_seconds=min_seconds, return_predictions=return_predictions,
+                            progress=progress)
+    result = {"file": path.name, "file_bytes": path.stat().st_size, **result}
+    if bundle.kind == "audio folder":
+        result["data_features"] = {"n_mels": n_mels, "frames": frames, "sample_rate": sample_rate,
+                                   "normalize": normalize}
+    return result
+
+
+def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: int = DEFAULT_BATCH_SIZE,
+                   threads: int = 1, latency_batch: int = 1, latency: bool = True, ort_config: dict | None = None,
+                   warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
+                   return_predictions: bool = False, progress=None) -> dict:
+    """The protocol on an already loaded target: an ``edgec.graph.Model``, ONNX bytes, or ``(bytes, ModelProto)``.
+
+    Reusable by training/pruning code that wants the same numbers as ``edgec eval`` without files.
+    """
+    from edgec.graph import Model
+    from edgec.latency.measure import create_session, machine_key, measure_session
+
+    if int(threads) < 1:
+        raise EdgecError(f"threads must be >= 1, got {threads}")
+    if int(latency_batch) < 1:
+        raise EdgecError(f"latency batch must be >= 1, got {latency_batch}")
+    split_used, split_note = choose_split(bundle, split)
+    dataset = bundle.split(split_used)
+    import torch
+
+    first_item = torch.as_tensor(dataset[0][0])
+    notes = []
+    onnx_bytes = None
+    latency_note = None
+
+    if isinstance(target, Model):
+        model = target
+        inputs = inputs_from_spec(model.spec)
+        hints = {"n_mels": model.spec.extra.get("n_mels", model.config.get("n_mels")),
+                 "image_size": model.spec.extra.get("image_size")}
+        if model.spec.task == "features":
+            raise EdgecError(f"the model ({model.arch}) outputs features ({', '.join(model.spec.outputs)}), not "
+                             "predictions; it needs a classification/regression head to be evaluated")
+        info = {"format": "checkpoint", "arch": model.arch, "passes": _pass_names(model.provenance),
+                "params": model.param_count(), "checkpoint_digest": model.digest()}
+        check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
+        runner = _TorchRunner(model)
+        session = None
+        scaffolds = model.scaffolds()
+        if not latency:
+            latency_note = "latency not measured (disabled)"
+        elif scaffolds:
+            latency_note = (f"not exportable: {len(scaffolds)} unfolded training scaffold(s) "
+                            f"({', '.join(sorted({m.kind for _, m in scaffolds}))}); run `edgec fold` first")
+        else:
+            from edgec.passes.export import to_onnx
+
+            _say(progress, "exporting to ONNX in memory for latency")
+            try:
+                onnx_bytes = to_onnx(model).SerializeToString(deterministic=True)
+            except EdgecError as exc:
+                latency_note = f"not exportable: {exc}"
+        if onnx_bytes is not None:
+            try:
+                session = create_session(onnx_bytes, threads, ort_config)
+            except EdgecError as exc:
+                latency_note, onnx_bytes = f"not measurable: {exc}", None
+    else:
+        if isinstance(target, (bytes, bytearray)):
+            import onnx
+
+            try:
+                data, proto = bytes(target), onnx.load_model_from_string(bytes(target))
+            except Exception as exc:  # protobuf DecodeError
+                raise EdgecError(f"not a readable ONNX model ({type(exc).__name__})") from None
+        else:
+            data, proto = target
+        from edgec.passes.export import read_provenance
+
+        try:
+            prov = read_provenance(proto) or {}
+        except ValueError:
+            prov = {}
+            notes.append("edgec provenance metadata is unreadable")
+        if not prov:
+            notes.append("no edgec provenance in the file: arch unknown")
+        config = prov.get("config") or {}
+        task = (prov.get("spec") or {}).get("task")
+        if task == "features":
+            raise EdgecError("the model outputs features, not predictions; it needs a classification/regression "
+                             "head to be evaluated")
+        inputs = inputs_from_onnx(proto, prov)
+        hints = {"n_mels": config.get("n_mels"), "image_size": config.get("image_size")}
+        info = {"format": "onnx", "arch": prov.get("arch"), "passes": _pass_names(prov.get("passes")),
+                "params": onnx_params(proto), "checkpoint_digest": prov.get("checkpoint_digest")}
+        check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
+        onnx_bytes = data
+        session = create_session(data, threads, ort_config)
+        runner = _OrtRunner(session, inputs)
+        if not latency:
+            latency_note = "latency not measured (disabled)"
+
+    _say(progress, f"predicting {len(dataset)} items ({split_used}) with {runner.by}")
+    outputs, targets = predict(runner, dataset, batch_size)
+    metrics, predictions = score(outputs, targets, bundle.task, bundle.num_classes, notes)
+
+    lat = None
+    if latency and session is not None:
+        _say(progress, f"timing onnxruntime ({threads} thread(s), batch {latency_batch})")
+        x = _latency_batch(dataset, int(latency_batch))
+        feed = build_feed(inputs, x)
+        lat = measure_session(session, feed, threads=threads, warmup=warmup, repeats=repeats,
+                              min_seconds=min_seconds)
+        lat["batch"] = int(latency_batch)
+        lat["input_shape"] = list(x.shape)
+        lat["inputs"] = {k: list(v.shape) for k, v in feed.items()}
+
+    result = {
+        **info,
+        "onnx_bytes": len(onnx_bytes) if onnx_bytes is not None else None,
+        "predictions_by": runner.by,
+        "data": _name(bundle.source),
+        "data_kind": bundle.kind,
+        "data_digest": bundle.digest,
+        "task": bundle.task,
+        "split": split_used,
+        "split_note": split_note,
+        "n": int(len(targets)),
+        "classes": list(bundle.classes) if bundle.classes is not None else None,
+        "input_shape": list(first_item.shape),
+        "batch_size": int(batch_size),
+        "metrics": metrics,
+        "latency": lat,
+        "latency_note": latency_note,
+        "machine": machine_key(threads),
+        "notes": notes,
+    }
+    if return_predictions:
+        result["predictions"] = predictions
+    return result

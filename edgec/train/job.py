@@ -1,0 +1,157 @@
+"""``finetune_file``: load a checkpoint and a dataset, fine-tune, save the best model (rank 0), report.
+
+This is what ``edgec finetune`` and ``python -m edgec.train.run`` call. It works unchanged under
+``torchrun`` (see :mod:`edgec.train.distributed`): every rank loads and trains, only rank 0 writes the
+output and the resume file, and every rank returns the result (``written`` is true on rank 0 only).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from edgec.errors import EdgecError
+from edgec.train import distributed as D
+
+FINETUNE_VERSION = 1
+
+
+def data_name(source) -> str:
+    """What provenance records about the data: the file or folder NAME (never an absolute path), or an
+    entry point ``package.module:function`` as given."""
+    s = os.fspath(source)
+    if os.path.exists(s):
+        p = Path(s).resolve()
+        return p.parent.name if p.name == "labels.csv" else p.name
+    return s
+
+
+def default_resume_file(output) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".resume")
+
+
+def finetune_file(
+    model_path,
+    data_source,
+    output,
+    *,
+    arch: str | None = None,
+    teacher=None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup: float = 0.1,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    kd_weight: float = 0.5,
+    kd_temperature: float = 2.0,
+    resume: bool = False,
+    resume_file=None,
+    keep_resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    device: str | None = None,
+    data_options: dict | None = None,
+) -> dict:
+    """Load ``model_path`` (and ``teacher``, a checkpoint path), ``edgec.data.load_data(data_source,
+    **data_options)``, fine-tune, and save the best model to ``output`` atomically (rank 0).
+
+    The resume file (default ``<output>.resume``) is written after every epoch and deleted after the
+    output is saved unless ``keep_resume``; ``resume=True`` continues from it. A ``finetune`` provenance
+    record is appended (not a structural pass). Returns a JSON-able dict.
+    """
+    from edgec.checkpoint import load_checkpoint, save_checkpoint
+    from edgec.data import load_data
+    from edgec.train.loop import finetune
+
+    t0 = time.perf_counter()
+    model_path, output = Path(model_path), Path(output)
+    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
+        raise EdgecError(f"refusing to overwrite the input {model_path}; choose another -o")
+    if output.is_dir():
+        raise EdgecError(f"output {output} is a directory; give a file name such as {output / 'model-ft.pt'}")
+    rfile = Path(resume_file) if resume_file else default_resume_file(output)
+    opts = dict(data_options or {})
+
+    with D.session() as info:
+        model = load_checkpoint(model_path, arch=arch)
+        tmodel = load_checkpoint(teacher) if teacher is not None else None
+        # Rank 0 loads first so that it alone computes and caches audio features; the others then read the cache.
+        if not info.is_main:
+            D.barrier(info)
+        data = load_data(os.fspath(data_source), **opts)
+        if info.is_main:
+            D.barrier(info)
+
+        best, report = finetune(
+            model, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+            grad_clip=grad_clip, seed=seed, teacher=tmodel, kd_weight=kd_weight, kd_temperature=kd_temperature,
+            resume_file=rfile, resume=resume, progress=progress, device=device,
+        )
+
+        params = {
+            "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+            "warmup": float(warmup), "grad_clip": float(grad_clip or 0.0), "seed": int(seed),
+            "data": data_name(data_source), "data_digest": data.digest, "world_size": report["world_size"],
+            "data_options": {k: v for k, v in sorted(opts.items()) if k != "cache_dir"},
+        }
+        if tmodel is not None:
+            params |= {"teacher": Path(teacher).name, "teacher_digest": tmodel.digest(),
+                       "kd_weight": float(kd_weight), "kd_temperature": float(kd_temperature)}
+        monitor = report["monitor"]
+        record = {
+            "pass": "finetune",
+            "version": FINETUNE_VERSION,
+            "params": params,
+            "input_digest": report["fingerprint"]["model"],
+            "metrics": {
+                "best_epoch": report["best_epoch"],
+                "monitor": monitor,
+                "val": report["best"],
+                "steps": report["steps"],
+                "history": [{"epoch": h["epoch"], "train_loss": h["train_loss"], f"val_{monitor}": h["val"][monitor],
+                             "val_loss": h["val"]["loss"]} for h in report["history"]],
+            },
+            "checks": {},
+        }
+        best.provenance = list(best.provenance) + [record]
+        record["output_digest"] = best.digest()
+
+        written = False
+        if info.is_main:
+            save_checkpoint(best, output)
+            written = True
+            if not keep_resume and rfile.exists():
+                rfile.unlink()
+        D.barrier(info)
+
+    return {
+        "output": str(output),
+        "written": written,
+        "rank": info.rank,
+        "world_size": report["world_size"],
+        "input": str(model_path),
+        "arch": best.arch,
+        "data": data_name(data_source),
+        "data_digest": data.digest,
+        "task": data.task,
+        "classes": data.classes,
+        "best_epoch": report["best_epoch"],
+        "monitor": monitor,
+        "best": report["best"],
+        "history": report["history"],
+        "steps": report["steps"],
+        "final_lr": report["final_lr"],
+        "device": report["device"],
+        "batch_size_per_process": report["batch_size_per_process"],
+        "resumed_from": report["resumed_from"],
+        "resume_file": str(rfile) if keep_resume else None,
+        "digest": record["output_digest"],
+        "params": best.param_count(),
+        "bytes": best.nbytes(),
+        "notes": report["notes"],
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": report["seconds"],
+    }

@@ -1,0 +1,112 @@
+"""Training losses: the task loss, logits distillation, and feature taps for feature distillation.
+
+* :func:`task_loss` — cross-entropy (classification) or mean squared error (regression).
+* :func:`kd_loss` — logits distillation (Hinton et al. 2015):
+  ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch-mean; for regression it is the MSE between the
+  student's and the teacher's predictions (no temperature). :func:`combined_loss` mixes it with the task
+  loss as ``(1 − w)·task + w·kd``.
+* :class:`FeatureTap` captures the outputs of named leaf modules with forward hooks during a forward pass,
+  so an ``extra_loss`` can compare hidden features of the student and the teacher (e.g. OFF, TernaryLLM's
+  cosine feature distillation: ``mean(1 − cos(h_s, h_t))``). Note that in a traced ``fx.GraphModule``
+  only LEAF modules (``call_module`` nodes: Linear, norms, scaffolds, ...) are called; container modules
+  such as a whole encoder block are inlined into the graph and never run, so a block's output is tapped at
+  its last leaf (or by adding a graph output). :class:`FeatureTap` refuses names that are not called.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+
+from edgec.errors import EdgecError
+
+
+def first_output(out) -> torch.Tensor:
+    """The logits/predictions of a model output: the tensor itself or the first element of a tuple/list."""
+    if isinstance(out, (tuple, list)):
+        if not out:
+            raise EdgecError("the model returned an empty tuple")
+        return out[0]
+    return out
+
+
+def task_loss(pred: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(pred, target, reduction=reduction)
+    return F.mse_loss(as_target_shape(pred, target).float(), target.float(), reduction=reduction)
+
+
+def as_target_shape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Regression output (N, k) or (N, 1) laid out like the target ((N,) or (N, k))."""
+    if pred.shape == target.shape:
+        return pred
+    if pred.numel() != target.numel():
+        raise EdgecError(f"model predicts shape {list(pred.shape)} but the regression targets have shape {list(target.shape)}")
+    return pred.reshape(target.shape)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0, task: str = "classification") -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` averaged over the batch (MSE for regression)."""
+    teacher = teacher.detach()
+    if task != "classification":
+        return F.mse_loss(student.float(), teacher.float().reshape(student.shape))
+    t = float(temperature)
+    log_s = F.log_softmax(student.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (t * t)
+
+
+def combined_loss(pred, target, task: str, teacher_pred=None, kd_weight: float = 0.5,
+                  kd_temperature: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """Total loss and its parts (floats, for logging): ``(1 − w)·task + w·kd`` with a teacher, else task."""
+    lt = task_loss(pred, target, task)
+    if teacher_pred is None:
+        return lt, {"task": lt.detach()}
+    lk = kd_loss(pred, teacher_pred, kd_temperature, task)
+    w = float(kd_weight)
+    return (1.0 - w) * lt + w * lk, {"task": lt.detach(), "kd": lk.detach()}
+
+
+class FeatureTap:
+    """Record the outputs of leaf modules matching ``patterns`` (exact names or fnmatch globs).
+
+    ``tap.features`` maps module name -> output tensor of the latest forward (still attached to the
+    autograd graph, so a loss on it trains the student). Call :meth:`clear` before each forward and
+    :meth:`remove` when done.
+    """
+
+    def __init__(self, module: torch.nn.Module, patterns: list[str] | tuple[str, ...], role: str = "model"):
+        called = _called_modules(module)
+        names: list[str] = []
+        for pat in patterns:
+            hits = [n for n in called if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                close = ", ".join(called[:8]) + (", ..." if len(called) > 8 else "")
+                raise EdgecError(f"feature layer '{pat}' matches no module the {role} calls (it calls: {close})")
+            names += [h for h in hits if h not in names]
+        self.names = names
+        self.features: dict[str, torch.Tensor] = {}
+        modules = dict(module.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            self.features[name] = output
+
+        return hook
+
+    def clear(self) -> None:
+        self.features = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _called_modules(module: torch.nn.Module) -> list[str]:
+    graph = getattr(module, "graph", None)
+    if graph is None:  # a plain nn.Module: every named submodule may run
+        return [n for n, _ in module.named_modules() if n]
+    return [str(node.target) for node in graph.nodes if node.op == "call_module"]
