@@ -212,17 +212,26 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file of an interrupted run.")] = False,
     resume_file: Annotated[Optional[Path], typer.Option("--resume-file", help="Default: <output>.resume.")] = None,
     keep_resume: Annotated[bool, typer.Option("--keep-resume", help="Keep the resume file after success.")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (default), cpu, cuda, cuda:N.")] = None,
+    n_mels: Annotated[Optional[int], typer.Option("--n-mels", help="Log-mel bins for audio data (default: the model's).")] = None,
+    frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per clip for audio data (default 200).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Held-out fraction when the data has no val split.")] = None,
     arch: ArchOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Fine-tune on real data: AdamW, warm-up + cosine, clipping, keep-best, resumable; DDP under torchrun."""
+    """Fine-tune on real data: AdamW, warm-up + cosine, clipping, keep-best, resumable; DDP under torchrun.
+
+    Progress goes to stderr (also with --json); under torchrun only rank 0 prints and writes."""
     from edgec import api
 
-    with r.TrainProgress(not as_json) as progress:
+    data_options = {k: v for k, v in {"n_mels": n_mels, "frames": frames, "val_fraction": val_fraction}.items()
+                    if v is not None}
+    with r.TrainProgress() as progress:
         res = api.finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
                            teacher=teacher, kd_weight=kd_weight, kd_temperature=kd_temperature, resume=resume,
-                           resume_file=resume_file, keep_resume=keep_resume, arch=arch, progress=progress)
+                           resume_file=resume_file, keep_resume=keep_resume, arch=arch, progress=progress,
+                           device=device, data_options=data_options)
     if res.get("rank", 0) != 0:
         return
     if as_json:

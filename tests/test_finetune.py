@@ -302,7 +302,7 @@ def test_torchrun_two_processes(tmp_path):
     out_dir = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "edgec.train.run", str(src), "--data", str(tmp_path / "images.pt"), "-o", str(out_dir / "ft.pt"),
+           "-m", "edgec", "finetune", str(src), "--json", "--data", str(tmp_path / "images.pt"), "-o", str(out_dir / "ft.pt"),
            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

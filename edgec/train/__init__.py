@@ -6,7 +6,7 @@ logits distillation, and DDP when launched with ``torchrun``.
     result = finetune_file("hrf.pt", "train/", "hrf-ft.pt", epochs=10)      # load -> train -> save
 
 Distributed (2 CPU processes, gloo):
-    torchrun --standalone --nproc_per_node 2 -m edgec.train.run hrf.pt --data train/ -o hrf-ft.pt
+    torchrun --standalone --nproc_per_node 2 -m edgec finetune hrf.pt --data train/ -o hrf-ft.pt
 """
 from edgec.train.distributed import is_main_process
 from edgec.train.job import finetune_file

@@ -1,6 +1,6 @@
 """``finetune_file``: load a checkpoint and a dataset, fine-tune, save the best model (rank 0), report.
 
-This is what ``edgec finetune`` and ``python -m edgec.train.run`` call. It works unchanged under
+This is what ``edgec finetune`` calls (also under ``torchrun ... -m edgec finetune``). It works unchanged under
 ``torchrun`` (see :mod:`edgec.train.distributed`): every rank loads and trains, only rank 0 writes the
 output and the resume file, and every rank returns the result (``written`` is true on rank 0 only).
 """
@@ -81,6 +81,8 @@ def finetune_file(
         # Rank 0 loads first so that it alone computes and caches audio features; the others then read the cache.
         if not info.is_main:
             D.barrier(info)
+        if isinstance(model.config.get("n_mels"), int):
+            opts.setdefault("n_mels", model.config["n_mels"])  # featurise audio for the model's front-end
         data = load_data(os.fspath(data_source), **opts)
         if info.is_main:
             D.barrier(info)
