@@ -19,7 +19,11 @@ from torch import nn
 from edgec.spec import InputSpec
 
 
-class Scaffold(nn.Module):
+class Leaf(nn.Module):
+    """edgec's own modules that stay one node in the traced graph (scaffolds, low-bit deploy layers)."""
+
+
+class Scaffold(Leaf):
     """Base for training-time modules that must be folded before deployment.
 
     Subclasses set ``folded_by`` to the name of the fold pass that removes them and ``kind`` to a short
@@ -31,10 +35,10 @@ class Scaffold(nn.Module):
 
 
 class EdgecTracer(fx.Tracer):
-    """Standard leaves (torch.nn modules) plus edgec's scaffolds, so each scaffold is one node."""
+    """Standard leaves (torch.nn modules) plus edgec's own leaves, so each scaffold is one node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Scaffold) or super().is_leaf_module(m, qualname)
+        return isinstance(m, Leaf) or super().is_leaf_module(m, qualname)
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
