@@ -266,10 +266,11 @@ def eval_(
 @app.command("inspect")
 def inspect(
     file: Annotated[Path, typer.Argument(help="A .pt checkpoint or an .onnx file.")],
+    layers: Annotated[bool, typer.Option("--layers", help="List every weight layer with its bit width.")] = False,
     arch: ArchOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Show architecture, size, ops and the provenance chain of a checkpoint or ONNX file."""
+    """Show architecture, size, bit widths, ops and the provenance chain of a checkpoint or ONNX file."""
     from edgec import api
 
     res = api.inspect(file, arch)
@@ -288,8 +289,14 @@ def inspect(
                 ("digest", res["digest"][:16]),
                 ("inputs", "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res["spec"]["inputs"])),
                 ("modules", ", ".join(f"{k}×{v}" for k, v in res["modules"].items())),
+                ("weight bits", ", ".join(f"{b}: {v['layers']} layer(s), {r.human_count(v['weights'])} weights"
+                                          for b, v in res["bits"].items())),
                 ("scaffolds", ", ".join(f"{s['kind']}@{s['module']}" for s in res["scaffolds"]) or "none")]
     r.console.print(r.kv_table(f"inspect {res['file']}", rows))
+    if layers and res["kind"] == "checkpoint":
+        r.console.print(r.rows_table("layers", ["layer", "type", "bits", "weights", "group", "act"], [
+            [x["layer"], x["type"], x["bits"], f"{x['weights']:,}", x.get("group_size", "-"), x.get("act", "-")]
+            for x in res["layers"]]))
     r.console.print(r.provenance_tree("provenance", res["provenance"]))
 
 

@@ -16,6 +16,40 @@ def inspect_file(path: str | Path, arch: str | None = None) -> dict:
     return inspect_checkpoint(path, arch)
 
 
+def layer_bits(gm) -> list[dict]:
+    """Weight-bearing layers with their weight bit width (32 for float, 2 ternary, 1 binary)."""
+    from torch import nn
+
+    from edgec.graph import Scaffold
+    from edgec.lowbit import lowbit_layers
+
+    lowbit = dict(lowbit_layers(gm))
+    rows = []
+    for name, m in gm.named_modules():
+        if name in lowbit:
+            rows.append({"layer": name, "type": type(m).__name__, "bits": m.bits, "group_size": m.group_size,
+                         "shift": m.shift is not None, "act": m.act, "weights": m.codes.numel()})
+        elif isinstance(m, Scaffold):
+            rows.append({"layer": name, "type": type(m).__name__, "bits": f"scaffold:{m.kind}",
+                         "weights": sum(p.numel() for p in m.parameters())})
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) and \
+                not any(name.startswith(s + ".") for s in lowbit):
+            w = m.weight
+            bits = {1: 8, 2: 16, 4: 32, 8: 64}.get(w.element_size(), 32) if w.is_floating_point() else 8
+            rows.append({"layer": name, "type": type(m).__name__, "bits": bits, "weights": w.numel()})
+    return rows
+
+
+def bits_summary(rows: list[dict]) -> dict:
+    """{bit width: {"layers": n, "weights": n}} over ``layer_bits`` rows."""
+    out: dict = {}
+    for r in rows:
+        entry = out.setdefault(str(r["bits"]), {"layers": 0, "weights": 0})
+        entry["layers"] += 1
+        entry["weights"] += r["weights"]
+    return out
+
+
 def inspect_checkpoint(path: Path, arch: str | None = None) -> dict:
     from edgec.checkpoint import load_checkpoint
 
@@ -27,6 +61,7 @@ def inspect_checkpoint(path: Path, arch: str | None = None) -> dict:
         "digest": model.digest(), "spec": model.spec.to_json(),
         "modules": dict(sorted(modules.items())),
         "scaffolds": [{"module": n, "kind": m.kind, "folded_by": m.folded_by} for n, m in model.scaffolds()],
+        "layers": (layers := layer_bits(model.gm)), "bits": bits_summary(layers),
         "structural_passes": model.passes, "provenance": model.provenance,
     }
 

@@ -80,3 +80,33 @@ def test_linear_bn_only_folds_2d():
     model = Model(trace(net), "test", {}, spec)
     folded, records = PassManager([FoldBatchNorm()])(model)
     assert records[0]["modified"] and records[0]["checks"]["equivalence"]["passed"]
+
+
+def test_batchnorm_folds_into_a_lowbit_conv_keeping_its_codes():
+    from edgec.graph import Model, trace
+    from edgec.lowbit import LowBitConv2d, lowbit_like
+    from edgec.spec import Dim, InputSpec, TensorSpec
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = lowbit_like(nn.Conv2d(3, 8, 3, padding=1, bias=False), group_size=9, bits=2, shift=True,
+                                    act="ternary")
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    g = torch.Generator().manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.conv.codes.copy_(torch.randint(-1, 2, net.conv.codes.shape, generator=g))
+        net.conv.scale.uniform_(0.1, 1.0, generator=g)
+        net.conv.shift.uniform_(-0.1, 0.1, generator=g)
+    model = Model(trace(net), "test", {}, InputSpec((TensorSpec("x", (Dim("batch", 2, 3), 3, 6, 6)),)))
+    _randomise_bn(model, 3)
+    folded, records = PassManager([FoldBatchNorm()])(model)
+    assert records[0]["checks"]["equivalence"]["passed"]
+    conv = folded.gm.conv
+    assert isinstance(conv, LowBitConv2d) and torch.equal(conv.codes, model.gm.conv.codes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.gm.modules())

@@ -8,7 +8,9 @@ convolution or linear layer ``x = W u + b`` whose output feeds nothing else, the
     b* = (b − μ) · s + β
 
 (Ioffe & Szegedy 2015 for BatchNorm; the folding is the standard deployment identity, cf.
-``torch.nn.utils.fusion``.) The pass matches ``call_module`` Conv{1,2,3}d/Linear → BatchNorm{1,2,3}d in
+``torch.nn.utils.fusion``.) A low-bit layer (``edgec.lowbit``) folds too without leaving its code book:
+its weight is ``scale · codes + shift`` per output-channel group, so multiplying ``scale`` and ``shift``
+by the per-channel ``s`` keeps the codes unchanged. The pass matches ``call_module`` Conv{1,2,3}d/Linear → BatchNorm{1,2,3}d in
 the traced graph, requires the BatchNorm to have running statistics, and for Linear → BatchNorm1d
 requires the Linear output to be 2-D (checked by shape propagation), since BatchNorm1d normalises
 dim 1. The folded graph is verified against the input on sample inputs at two shapes.
@@ -21,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from edgec.graph import Model, set_submodule, verify_equivalent
+from edgec.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
 from edgec.manager import Pass, PassResult
 
 TOLERANCE = 1e-5
@@ -44,9 +47,10 @@ def find_pairs(model: Model) -> list[tuple]:
         if prev.op != "call_module" or len(prev.users) != 1:
             continue
         layer = modules[prev.target]
-        if isinstance(layer, _CONV) and layer.out_channels == bn.num_features:
+        if isinstance(layer, _CONV + (LowBitConv1d, LowBitConv2d)) and layer.out_channels == bn.num_features:
             pairs.append((prev, node))
-        elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and layer.out_features == bn.num_features:
+        elif isinstance(layer, (nn.Linear, LowBitLinear)) and isinstance(bn, nn.BatchNorm1d) \
+                and layer.out_features == bn.num_features:
             if shapes is None:
                 shapes = _output_ranks(model)
             if shapes.get(prev.name) == 2:
@@ -62,6 +66,22 @@ def _output_ranks(model: Model) -> dict[str, int]:
             if hasattr(n.meta.get("tensor_meta"), "shape")}
 
 
+def _fuse_lowbit(layer, bn):
+    """Scale and shift of a low-bit layer absorb BN's per-channel factor; the codes stay as they are."""
+    import copy
+
+    fused = copy.deepcopy(layer)
+    with torch.no_grad():
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        fused.scale.mul_(s[:, None])
+        if fused.shift is not None:
+            fused.shift.mul_(s[:, None])
+        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias = nn.Parameter((b - bn.running_mean) * s + beta)
+    return fused
+
+
 class FoldBatchNorm(Pass):
     name = "fold.batchnorm"
     version = 1
@@ -75,8 +95,12 @@ class FoldBatchNorm(Pass):
         modules = dict(gm.named_modules())
         for prev, bn_node in pairs:
             layer, bn = modules[prev.target], modules[bn_node.target]
-            fuse = fuse_conv_bn_eval if isinstance(layer, _CONV) else fuse_linear_bn_eval
-            set_submodule(gm, prev.target, fuse(layer.eval(), bn.eval()))
+            if isinstance(layer, (LowBitLinear, LowBitConv1d, LowBitConv2d)):
+                fused = _fuse_lowbit(layer, bn)
+            else:
+                fuse = fuse_conv_bn_eval if isinstance(layer, _CONV) else fuse_linear_bn_eval
+                fused = fuse(layer.eval(), bn.eval())
+            set_submodule(gm, prev.target, fused)
             bn_node.replace_all_uses_with(prev)
             gm.graph.erase_node(bn_node)
             gm.delete_submodule(bn_node.target)
