@@ -13,20 +13,24 @@ from edgec.errors import EdgecError
 FOLD_PASSES = ["fold.hrf", "fold.batchnorm"]
 
 
+def check_output(output: str | Path, *inputs) -> Path:
+    """Refuse an output that is a folder or would overwrite one of the inputs (inputs are never modified)."""
+    out = Path(output)
+    if out.is_dir():
+        raise EdgecError(f"output {out} is a directory; give a file name")
+    for src in inputs:
+        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise EdgecError(f"refusing to overwrite the input {src}; choose another output")
+    return out
+
+
 def _out_path(input_path: str | Path, output: str | Path | None, suffix: str) -> Path:
     src = Path(input_path)
-    out = Path(output) if output else src.with_name(f"{src.stem}{suffix}")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise EdgecError(f"refusing to overwrite the input {src}; choose another -o")
-    return out
+    return check_output(Path(output) if output else src.with_name(f"{src.stem}{suffix}"), src)
 
 
 def _model_summary(model) -> dict:
     return {"arch": model.arch, "params": model.param_count(), "bytes": model.nbytes(), "digest": model.digest()}
-
-
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load(path: str | Path, arch: str | None = None):
@@ -60,19 +64,23 @@ def zoo_list() -> list[dict]:
 def zoo_create(name: str, output: str | Path, overrides: dict | None = None, seed: int = 0) -> dict:
     from edgec.checkpoint import new_model
 
+    output = check_output(output)
     model = new_model(name, overrides, seed)
     return save(model, output) | {"config": model.config, "seed": seed}
 
 
 def import_hf(folder: str | Path, output: str | Path) -> dict:
-    from edgec.checkpoint import load_state_dict_strict, new_model
+    from edgec.checkpoint import check_finite, load_state_dict_strict, new_model
     from edgec.models.hf_bert import read_hf_bert
 
     folder = Path(folder)
+    output = check_output(output)
     config, state_dict = read_hf_bert(folder)
+    check_finite(state_dict, folder)
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        digest.update((folder / name).read_bytes())
+    # config plus every weight file read (a sharded checkpoint has an index and several shards)
+    for path in [folder / "config.json", *sorted(folder.glob("model*.safetensors*"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     origin = {"pass": "import.hf", "version": 1,
               "params": {"source": folder.name, "source_sha256": digest.hexdigest(), "config": config}}
     model = new_model("bert", config, seed=0, origin=origin)
@@ -145,17 +153,23 @@ def finetune(input_path: str | Path, data: str, output: str | Path, **options) -
     see edgec.train.job.finetune_file for the options."""
     from edgec.train.job import finetune_file
 
-    return finetune_file(input_path, data, output, **{k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    data_options = dict(options.pop("data_options", None) or {})
+    for key in ("n_mels", "frames", "val_fraction"):
+        if key in options:
+            data_options[key] = options.pop(key)
+    return finetune_file(input_path, data, output, data_options=data_options, **options)
 
 
 def evaluate(input_path: str | Path, data: str, split: str | None = "test", threads: int = 1,
-             latency_batch: int = 1, latency: bool = True, arch: str | None = None, n_mels: int | None = None,
-             frames: int = 200, batch_size: int = 64, progress=None) -> dict:
-    """The one evaluation protocol for .pt and .onnx: task metrics, size, ORT latency (see edgec.evaluate)."""
+             latency_batch: int = 1, no_latency: bool = False, arch: str | None = None, n_mels: int | None = None,
+             frames: int | None = None, progress=None) -> dict:
+    """The one evaluation protocol for .pt and .onnx: task metrics, size, ORT latency (see edgec.evaluate).
+    Audio features default to those the model was fine-tuned with (recorded in its provenance)."""
     from edgec.evaluate import evaluate as run_eval
 
-    return run_eval(input_path, data, split=split, threads=threads, latency_batch=latency_batch, latency=latency,
-                    arch=arch, n_mels=n_mels, frames=frames, batch_size=batch_size, progress=progress)
+    return run_eval(input_path, data, split=split, threads=threads, latency_batch=latency_batch,
+                    latency=not no_latency, arch=arch, n_mels=n_mels, frames=frames, progress=progress)
 
 
 def inspect(path: str | Path, arch: str | None = None) -> dict:

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.errors import EdgecError, first_line
 
 FORMAT = "edgec.checkpoint/1"
 
@@ -37,6 +37,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,14 +95,9 @@ def read_data(path: str | Path, what: str = "checkpoint"):
                 f"refusing to load {path}: it is a pickle that would import or run code{global_name}; "
                 "edgec loads checkpoints as data only"
             ) from None
-        raise EdgecError(f"{path} is corrupt or not a torch file ({_first_line(msg)})") from None
+        raise EdgecError(f"{path} is corrupt or not a torch file ({first_line(exc)})") from None
     except Exception as exc:  # the unpickler raises anything (IndexError, EOFError, ...) on garbage
-        msg = _first_line(str(exc)) if str(exc).strip() else type(exc).__name__
-        raise EdgecError(f"{path} is truncated or corrupt, or not a torch file ({msg})") from None
-
-
-def _first_line(msg: str) -> str:
-    return msg.strip().splitlines()[0][:200] if msg.strip() else "unknown error"
+        raise EdgecError(f"{path} is truncated or corrupt, or not a torch file ({first_line(exc)})") from None
 
 
 def _unsupported_global(msg: str) -> str:
@@ -129,7 +127,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
     updated by ``config``).
     """
     from edgec import models
-    from edgec.graph import Model, trace
+    from edgec.graph import Model
     from edgec.manager import replay
 
     path = Path(path)
@@ -142,10 +140,15 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
             provenance = list(obj.get("provenance", []))
         except (KeyError, TypeError) as exc:
             raise EdgecError(f"{path} is a damaged edgec checkpoint (missing {exc})") from None
-        if arch is None and arch_name not in models.ZOO:
+        stored = obj["model"]["arch"]
+        if arch is not None and arch != stored:
+            raise EdgecError(f"{path} holds a '{stored}' model, not '{arch}'; drop --arch or pass --arch {stored}")
+        if arch is None and stored not in models.ZOO:
+            if ":" not in stored:
+                models.resolve(stored)  # raises: unknown architecture, listing the zoo
             # Importing a module named inside a file would let the file choose code to run.
-            raise EdgecError(f"{path} uses the user architecture '{arch_name}'; "
-                             f"pass --arch {arch_name} to allow importing it")
+            raise EdgecError(f"{path} uses the user architecture '{stored}'; "
+                             f"pass --arch {stored} to allow importing it")
     elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
         raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
     elif arch is not None and isinstance(obj, dict) and not _describe_non_checkpoint(obj).startswith("not"):
@@ -157,12 +160,24 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
 
     check_finite(state_dict, path)
     module = models.build(arch_name, cfg)
-    model = Model(trace(module), arch_name, cfg, module.input_spec())
+    model = Model(trace_or_error(module, arch_name), arch_name, cfg, module.input_spec())
     model = replay(model, passes)
     load_state_dict_strict(model.gm, state_dict, path)
     model.provenance = provenance
     model.gm.eval()
+    if isinstance(obj, dict) and obj.get("digest") and model.digest() != obj["digest"]:
+        raise EdgecError(f"{path} is corrupt: its content digest does not match the one stored in it")
     return model
+
+
+def trace_or_error(module, arch: str):
+    from edgec.graph import trace
+
+    try:
+        return trace(module)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise EdgecError(f"architecture '{arch}' cannot be traced by torch.fx ({first_line(exc)}); "
+                         "avoid data-dependent control flow in forward()") from None
 
 
 def check_finite(state_dict: dict, path) -> None:
@@ -202,13 +217,13 @@ def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: d
     import torch
 
     from edgec import models
-    from edgec.graph import Model, trace
+    from edgec.graph import Model
 
     cfg = models.full_config(arch, overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         module = models.build(arch, cfg)
-    model = Model(trace(module), arch, cfg, module.input_spec())
+    model = Model(trace_or_error(module, arch), arch, cfg, module.input_spec())
     record = origin or {"pass": "zoo.create", "version": 1, "params": {"arch": arch, "config": cfg, "seed": seed}}
     record["output_digest"] = model.digest()
     model.provenance = [record]

@@ -249,6 +249,7 @@ def eval_(
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size for the latency run.")] = 1,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     n_mels: Annotated[Optional[int], typer.Option("--n-mels", help="Log-mel bins (default: the model's).")] = None,
+    frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per clip (default: as fine-tuned, else 200).")] = None,
     arch: ArchOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -257,7 +258,7 @@ def eval_(
 
     with r.spinner("evaluating", not as_json) as update:
         res = api.evaluate(model, data, split=split, threads=threads, latency_batch=latency_batch,
-                           latency=not no_latency, arch=arch, n_mels=n_mels, progress=update)
+                           no_latency=no_latency, arch=arch, n_mels=n_mels, frames=frames, progress=update)
     if as_json:
         return r.print_json(res)
     r.console.print(r.eval_table(res))

@@ -22,3 +22,9 @@ class CheckFailed(EdgecError):
     """A verification (fold equivalence, export parity) exceeded its tolerance."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name): enough for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -367,7 +367,7 @@ def _pass_names(records) -> list[str]:
 # ---------------------------------------------------------------------------------------------- API
 def evaluate(path, data_source, *, split: str | None = "test", batch_size: int = DEFAULT_BATCH_SIZE,
              threads: int = 1, latency_batch: int = 1, latency: bool = True, arch: str | None = None,
-             sample_rate: int = 16000, n_mels: int | None = None, frames: int = 200, val_fraction: float = 0.2,
+             sample_rate: int = 16000, n_mels: int | None = None, frames: int | None = None, val_fraction: float = 0.2,
              seed: int = 0, cache_dir: str | None = None, normalize: str = "utterance",
              ort_config: dict | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
              return_predictions: bool = False, progress=None) -> dict:
@@ -393,15 +393,22 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
         except ValueError:
             prov = None
         config = (prov or {}).get("config") or {}
+        records = (prov or {}).get("passes") or []
     else:
         from edgec.checkpoint import load_checkpoint
 
         target = load_checkpoint(path, arch=arch)
         config = target.config or {}
+        records = target.provenance
         spec_n_mels = target.spec.extra.get("n_mels") if isinstance(target.spec.extra, dict) else None
         config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
+    # One protocol: featurise audio the way the model was fine-tuned unless told otherwise.
+    trained = next((r.get("params", {}).get("data_options") or {} for r in reversed(records)
+                    if isinstance(r, dict) and r.get("pass") == "finetune"), {})
     if n_mels is None:
-        n_mels = config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40
+        n_mels = trained.get("n_mels") or (config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40)
+    if frames is None:
+        frames = trained.get("frames") or 200
     _say(progress, f"loading data {_name(data_source)}")
     bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
                        val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize)

@@ -24,16 +24,18 @@ def layer_bits(gm) -> list[dict]:
     from edgec.lowbit import lowbit_layers
 
     lowbit = dict(lowbit_layers(gm))
-    rows = []
+    rows, inside = [], []  # layers inside a scaffold are counted with the scaffold
     for name, m in gm.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
         if name in lowbit:
             rows.append({"layer": name, "type": type(m).__name__, "bits": m.bits, "group_size": m.group_size,
                          "shift": m.shift is not None, "act": m.act, "weights": m.codes.numel()})
         elif isinstance(m, Scaffold):
+            inside.append(name)
             rows.append({"layer": name, "type": type(m).__name__, "bits": f"scaffold:{m.kind}",
                          "weights": sum(p.numel() for p in m.parameters())})
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) and \
-                not any(name.startswith(s + ".") for s in lowbit):
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
             w = m.weight
             bits = {1: 8, 2: 16, 4: 32, 8: 64}.get(w.element_size(), 32) if w.is_floating_point() else 8
             rows.append({"layer": name, "type": type(m).__name__, "bits": bits, "weights": w.numel()})

@@ -46,13 +46,47 @@ STEPS: dict[str, StepDef] = {
                       {"input": "input_path"}),
     "finetune": StepDef("finetune", ("input", "data", "output"),
                         ("epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed", "teacher",
-                         "kd_weight", "kd_temperature", "arch"), ("input", "data", "teacher"), ("output",),
+                         "kd_weight", "kd_temperature", "resume", "resume_file", "keep_resume", "device", "n_mels",
+                         "frames", "val_fraction", "arch"), ("input", "data", "teacher"), ("output", "resume_file"),
                         {"input": "input_path"}),
-    "eval": StepDef("evaluate", ("input", "data"), ("split", "threads", "latency_batch", "latency", "arch", "n_mels",
-                                                     "frames", "batch_size"), ("input", "data"), (),
+    "eval": StepDef("evaluate", ("input", "data"), ("split", "threads", "latency_batch", "no_latency", "arch", "n_mels",
+                                                     "frames"), ("input", "data"), (),
                     {"input": "input_path"}),
     "inspect": StepDef("inspect", ("input",), ("arch",), ("input",), (), {"input": "path"}),
 }
+
+
+# Value types of step parameters (the same names as the CLI options); checked before anything runs.
+_STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
+PARAM_TYPES: dict[str, tuple] = {
+    **dict.fromkeys(("name", "output", "input", "folder", "data", "teacher", "arch", "init", "split", "device",
+                     "resume_file"), _STR),
+    **dict.fromkeys(("seed", "expand", "opset", "epochs", "batch_size", "threads", "latency_batch", "n_mels",
+                     "frames"), _INT),
+    **dict.fromkeys(("lr", "weight_decay", "warmup", "grad_clip", "kd_weight", "kd_temperature", "val_fraction"), _NUM),
+    **dict.fromkeys(("resume", "keep_resume", "no_latency"), _BOOL),
+    **dict.fromkeys(("include", "exclude"), (str, list)),
+    "set": (dict,),
+}
+
+
+def _check_type(where: str, key: str, value) -> None:
+    expected = PARAM_TYPES.get(key)
+    if expected is None:
+        return
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+    if isinstance(value, list) and ok:
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        names = " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true/false",
+                             list: "a list of strings", dict: "a table"}[t] for t in expected)
+        raise EdgecError(f"{where}: '{key}' must be {names}, got {value!r}")
+
+
+def _is_entry_point(value: str) -> bool:
+    """``package.module:function`` data sources are not files."""
+    module, sep, func = value.partition(":")
+    return bool(sep) and func.isidentifier() and all(p.isidentifier() for p in module.split("."))
 
 
 @dataclass
@@ -119,8 +153,10 @@ def plan(recipe: str | Path, out: str | Path | None = None) -> Plan:
         missing = [k for k in sdef.required if k not in params]
         if missing:
             raise EdgecError(f"{where} ({name}): missing parameter(s) {', '.join(missing)}")
+        for key, value in params.items():
+            _check_type(f"{where} ({name})", key, value)
         for key in sdef.inputs:
-            if key in params:
+            if key in params and not _is_entry_point(params[key]):
                 path = _resolve(params[key], out_dir)
                 if str(path) not in produced and not path.exists():
                     raise EdgecError(f"{where} ({name}): {key} '{params[key]}' does not exist and no earlier step writes it")
@@ -151,7 +187,7 @@ def execute(plan: Plan, progress=None) -> dict:
             progress.update(task, description=f"step {i}/{len(plan.steps)}: {step.run}")
         kwargs = {}
         for key, value in step.params.items():
-            if key in sdef.inputs or key in sdef.outputs:
+            if (key in sdef.inputs or key in sdef.outputs) and not _is_entry_point(value):
                 value = str(_resolve(value, plan.out_dir))
             kwargs[sdef.rename.get(key, key)] = value
         entry = {"step": i, "run": step.run, "params": step.raw}

@@ -19,6 +19,12 @@ def run_cli(*args, cwd=None, env=None, check=None):
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Feature caches of this run (also in CLI subprocesses) go to a temporary folder, not the checkout."""
+    os.environ["EDGEC_CACHE"] = str(tmp_path_factory.mktemp("edgec-cache"))
+
+
 @pytest.fixture(scope="session")
 def conformer_ckpt(tmp_path_factory):
     from edgec.checkpoint import new_model, save_checkpoint

@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from edgec import models
-from edgec.checkpoint import new_model, save_checkpoint
+from edgec.checkpoint import new_model
 from edgec.errors import EdgecError
 from edgec.graph import Scaffold
 from edgec.passes.export import PROVENANCE_KEY, export, ort_session

@@ -17,7 +17,7 @@ from edgec.spec import Dim, InputSpec, TensorSpec
 
 TOL = 1e-5
 # arch -> (number of FFNs, number of first-linear modules an HRF feeds per FFN)
-ZOO_FFNS = {"convtransformer": (3, 1), "conformer": (4, 1), "hafformer": (4, 2), "bert": (3, 1)}
+ZOO_FFNS = {"convtransformer": (3, 1), "conformer": (4, 1), "hafformer": (4, 2), "bert": (2, 1)}  # two encoder FFNs; the pooler → tanh → classifier head is not an FFN
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import struct
-import tempfile
 import wave
 
 import numpy as np
@@ -230,19 +229,9 @@ def _load_cache(path: str, n: int, frames: int, n_mels: int) -> torch.Tensor | N
 
 
 def _save_cache(path: str, feats: torch.Tensor, params: dict) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"features": feats, "params": params}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from edgec.checkpoint import atomic_write, serialize
+
+    atomic_write(path, serialize({"features": feats, "params": params}))
 
 
 def load_audio_folder(

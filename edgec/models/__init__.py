@@ -55,6 +55,14 @@ def full_config(arch: str, overrides: dict | None = None) -> dict:
 
 
 def build(arch: str, config: dict):
-    """Instantiate an architecture (eval mode)."""
-    model = resolve(arch)(**config)
+    """Instantiate an architecture (eval mode); a config the class rejects is bad input, not a crash."""
+    from edgec.errors import EdgecError, first_line
+
+    cls = resolve(arch)
+    try:
+        model = cls(**config)
+    except EdgecError:
+        raise
+    except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as exc:
+        raise EdgecError(f"{arch}: invalid config ({first_line(exc)})") from None
     return model.eval()

@@ -16,7 +16,9 @@ the base architecture: same module names, types, shapes and parameter count, sam
 
 **Finding FFNs (dataflow, not names).** In the traced fx graph an FFN is
 
-* plain: ``call_module`` nn.Linear W1 -> activation -> zero or more dropouts -> ``call_module`` nn.Linear W2;
+* plain: ``call_module`` nn.Linear W1 -> activation -> zero or more dropouts -> ``call_module`` nn.Linear W2,
+  with W2 returning to W1's input width (d → f → d, which excludes classifier heads such as BERT's
+  pooler → tanh → classifier);
 * gated (GEGLU / SwiGLU): two nn.Linear W_g, W_v reading the *same* input node, ``act(W_g x)`` and
   ``W_v x`` multiplied (either operand order, dropouts allowed on either side), then zero or more dropouts
   -> nn.Linear W2. Both input projections share one H: W_g' and W_v' both read ``H x + c``.
@@ -180,6 +182,15 @@ def _linear_input(modules: dict, node: fx.Node) -> fx.Node | None:
     return node.args[0] if isinstance(node.args[0], fx.Node) else None
 
 
+def _returns_to_width(modules: dict, w1: fx.Node, w2: fx.Node) -> bool:
+    """An FFN maps d → f → d; a classifier head (Linear → tanh → Linear to the labels) does not.
+    (Behind an HRF expansion, d is the expansion's input width.)"""
+    src = w1.args[0]
+    hrf = _module(modules, src, HRFExpand) if isinstance(src, fx.Node) else None
+    d = hrf.h.in_features if hrf is not None else modules[w1.target].in_features
+    return modules[w2.target].out_features == d
+
+
 def find_ffns(model: Model) -> list[FFN]:
     """Every FFN (plain or gated) in graph order; see the module docstring for the rules."""
     gm = model.gm
@@ -200,7 +211,8 @@ def find_ffns(model: Model) -> list[FFN]:
         if nxt is None:
             continue
         if _linear_input(modules, nxt) is not None:
-            ffns.append(FFN(x, [node], nxt, names=[node.target]))
+            if _returns_to_width(modules, node, nxt):
+                ffns.append(FFN(x, [node], nxt, names=[node.target]))
             continue
         if not _is_mul(nxt):
             continue
@@ -211,7 +223,7 @@ def find_ffns(model: Model) -> list[FFN]:
                 or _only_user(other) is None):
             continue
         w2 = _skip_drops_forward(modules, nxt)
-        if w2 is None or _linear_input(modules, w2) is None:
+        if w2 is None or _linear_input(modules, w2) is None or not _returns_to_width(modules, node, w2):
             continue
         ffns.append(FFN(x, [node, other], w2, gated=True, names=[node.target, other.target]))
     return ffns
