@@ -80,7 +80,8 @@ def main() -> None:
             assert params == plain_time[arch][1], f"{arch}: deployed parameter count differs with HRF"
         ratio = spe / plain_time[arch][0]
         print(f"| {arch} | {'HRF K=4 → folded' if hrf else 'plain'} | {uar[0]:.3f} ± {uar[1]:.3f} | "
-              f"{wa[0]:.3f} ± {wa[1]:.3f} | {params.pop():,} | {lat:.3f} | {spe:.2f} | {ratio:.2f}× |")
+              f"{wa[0]:.3f} ± {wa[1]:.3f} | {', '.join(f'{p:,}' for p in sorted(params))} | {lat:.3f} | "
+              f"{spe:.2f} | {ratio:.2f}× |")
 
 
 if __name__ == "__main__":
