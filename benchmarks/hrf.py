@@ -23,7 +23,7 @@ def mean_std(xs):
 
 
 def run_one(arch: str, hrf: bool, seed: int, bundle, epochs: int, lr: float):
-    from edgec.api import FOLD_PASSES
+    from edgec.api import fold_passes
     from edgec.checkpoint import new_model
     from edgec.evaluate import evaluate_model
     from edgec.manager import PassManager, get_pass
@@ -34,7 +34,7 @@ def run_one(arch: str, hrf: bool, seed: int, bundle, epochs: int, lr: float):
     if hrf:
         model, _ = PassManager([get_pass("scaffold.hrf")(expand=4, init="default", seed=seed)])(model)
     trained, report = finetune(model, bundle, epochs=epochs, lr=lr, seed=seed, batch_size=32)
-    deployed, _ = PassManager([get_pass(n)() for n in FOLD_PASSES])(trained)
+    deployed, _ = PassManager([get_pass(n)() for n in fold_passes()])(trained)
     data, _ = export(deployed)
     res = evaluate_model(data, bundle, split="test", threads=1, latency_batch=1)
     return {"uar": res["metrics"]["uar"], "wa": res["metrics"]["accuracy"], "params": deployed.param_count(),

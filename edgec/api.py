@@ -8,9 +8,14 @@ from pathlib import Path
 
 from edgec.errors import EdgecError
 
-# Fold passes tried by `edgec fold`, in order: scaffolds first (they may sit in front of layers that
-# other folds then see), BatchNorm last.
-FOLD_PASSES = ["fold.hrf", "fold.batchnorm"]
+def fold_passes() -> list[str]:
+    """The folds `edgec fold` tries: every registered scaffold's declared fold, in registry order (HRF before
+    the low-bit folds, since nothing may sit between H and W1'), then BatchNorm last (it also folds into the
+    low-bit layers the other folds produce)."""
+    from edgec.manager import PASSES, get_pass
+
+    folds = [get_pass(name).scaffold_fold for name in PASSES if name.startswith("scaffold.")]
+    return list(dict.fromkeys(f for f in folds if f)) + ["fold.batchnorm"]
 
 
 def check_output(output: str | Path, *inputs) -> Path:
@@ -100,7 +105,7 @@ def run_passes(model, names: list[str], params: dict | None = None, progress=Non
 
 def scaffold(kind: str, input_path: str | Path, output: str | Path, arch: str | None = None,
              progress=None, **params) -> dict:
-    """Insert a training scaffold (``kind``: hrf) with the pass's parameters."""
+    """Insert a training scaffold (``kind``: hrf, sttn, dlt, binary) with the pass's parameters."""
     model = load(input_path, arch)
     out = _out_path(input_path, output, f".{kind}.pt")
     before = _model_summary(model)
@@ -116,11 +121,23 @@ def scaffold_hrf(input_path, output, **params) -> dict:
     return scaffold("hrf", input_path, output, **params)
 
 
+def scaffold_ternary(input_path, output, method: str = "sttn", **params) -> dict:
+    if method not in ("sttn", "dlt"):
+        raise EdgecError(f"--method must be sttn or dlt, got '{method}'")
+    if method == "sttn" and params.get("group_size") is not None:
+        raise EdgecError("--group-size applies to --method dlt (STTN scales per output channel)")
+    return scaffold(method, input_path, output, **params)
+
+
+def scaffold_binary(input_path, output, **params) -> dict:
+    return scaffold("binary", input_path, output, **params)
+
+
 def fold(input_path: str | Path, output: str | Path | None = None, arch: str | None = None, progress=None) -> dict:
     model = load(input_path, arch)
     out = _out_path(input_path, output, ".folded.pt")
     before = _model_summary(model)
-    folded, records = run_passes(model, FOLD_PASSES, progress=progress)
+    folded, records = run_passes(model, fold_passes(), progress=progress)
     applied = [r for r in records if r["modified"]]
     result = save(folded, out)
     return result | {
@@ -129,6 +146,7 @@ def fold(input_path: str | Path, output: str | Path | None = None, arch: str | N
                    for r in records],
         "summary": "; ".join(r["summary"] for r in applied) if applied else
         "nothing to fold: no BatchNorm after a Conv/Linear and no training scaffolds",
+        "scaffolds_left": len(folded.scaffolds()),
     }
 
 

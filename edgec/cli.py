@@ -146,6 +146,61 @@ def scaffold_hrf(
     _show_scaffold(res, as_json)
 
 
+Include = Annotated[Optional[list[str]], typer.Option("--include", help="Glob over layer names (repeatable).")]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over layer names to skip (repeatable).")]
+KeepFirstLast = Annotated[bool, typer.Option("--keep-first-last/--no-keep-first-last",
+                                             help="Keep the first layer and the classifier in full precision.")]
+
+
+@scaffold_app.command("ternary")
+def scaffold_ternary(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to ternarise.")],
+    output: OutOpt = None,
+    method: Annotated[str, typer.Option("--method", help="sttn (two binary kernels, soft threshold) | dlt "
+                                        "(learnable per-group scale and shift).")] = "sttn",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="DLT group size along the fan-in "
+                                                       "(0: one group per output channel; default 128).")] = None,
+    activations: Annotated[str, typer.Option("--activations", help="none | ternary (quantize layer inputs).")] = "none",
+    include: Include = None,
+    exclude: Exclude = None,
+    keep_first_last: KeepFirstLast = True,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for STTN's latent split.")] = None,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Ternary training scaffold on Conv/Linear weights (STTN or DLT); `edgec fold` turns it into 2-bit layers."""
+    from edgec import api
+
+    with r.spinner("scaffolding", not as_json) as update:
+        res = api.scaffold_ternary(model, output, method=method, arch=arch, progress=update, group_size=group_size,
+                                   activations=activations, include=include or None, exclude=exclude or None,
+                                   keep_first_last=keep_first_last, seed=seed)
+    _show_scaffold(res, as_json)
+
+
+@scaffold_app.command("binary")
+def scaffold_binary(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to binarise.")],
+    output: OutOpt = None,
+    activations: Annotated[str, typer.Option("--activations", help="none | binary (quantize layer inputs).")] = "none",
+    latent_weight: Annotated[str, typer.Option("--latent-weight", help="λ1,λ2: weights of the real-valued latent "
+                                               "path's CE and cosine terms during fine-tuning.")] = "0.5,0.5",
+    include: Include = None,
+    exclude: Exclude = None,
+    keep_first_last: KeepFirstLast = True,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Binary weights sign(W)·α, with the real latent weights as a supervised parallel path while training."""
+    from edgec import api
+
+    with r.spinner("scaffolding", not as_json) as update:
+        res = api.scaffold_binary(model, output, arch=arch, progress=update, activations=activations,
+                                  latent_weight=latent_weight, include=include or None, exclude=exclude or None,
+                                  keep_first_last=keep_first_last)
+    _show_scaffold(res, as_json)
+
+
 @app.command("fold")
 def fold(
     model: Annotated[Path, typer.Argument(help="Checkpoint to fold.")],
@@ -206,8 +261,17 @@ def finetune(
     warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of all steps, then cosine decay.")] = 0.1,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for data order, dropout and initialisation.")] = 0,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Checkpoint for logits distillation.")] = None,
-    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of the distillation term.")] = 0.5,
+    distill: Annotated[Optional[str], typer.Option("--distill", help="none | logits (KL on soft targets) | off "
+                       "(task loss + λ·(1 − cos) on hidden features). Default: logits with --teacher, else none.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher checkpoint (default with --distill: the "
+                       "full-precision checkpoint the scaffold came from, found by digest next to MODEL).")] = None,
+    kd_weight: Annotated[Optional[float], typer.Option("--kd-weight", help="w in (1−w)·task + w·KD; default 0.5 with "
+                         "logits, 0 with off; 1 = pure distillation.")] = None,
+    off_weight: Annotated[float, typer.Option("--off-weight", help="λ: weight of the OFF term.")] = 1.0,
+    off_layers: Annotated[Optional[str], typer.Option("--off-layers", help="Comma-separated module names/globs whose "
+                          "outputs OFF compares (default: every block output).")] = None,
+    binary_weights: Annotated[Optional[str], typer.Option("--binary-weights", help="λ1,λ2 for binary scaffolds' "
+                              "latent path (default: as recorded by scaffold binary; 0,0 = off).")] = None,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature")] = 2.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file of an interrupted run.")] = False,
     resume_file: Annotated[Optional[Path], typer.Option("--resume-file", help="Default: <output>.resume.")] = None,
@@ -230,6 +294,8 @@ def finetune(
         res = api.finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
                            teacher=teacher, kd_weight=kd_weight, kd_temperature=kd_temperature, resume=resume,
+                           distill=distill, off_weight=off_weight, binary_weights=binary_weights,
+                           off_layers=[x.strip() for x in off_layers.split(",")] if off_layers else None,
                            resume_file=resume_file, keep_resume=keep_resume, arch=arch, progress=progress,
                            device=device, data_options=data_options)
     if res.get("rank", 0) != 0:

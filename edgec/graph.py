@@ -88,7 +88,12 @@ class Model:
         return digest_of(self.arch, self.config, self.passes, self.gm.state_dict())
 
     def param_count(self) -> int:
-        return sum(p.numel() for p in self.gm.parameters())
+        """Trainable parameters plus the stored weights of low-bit layers (codes, scales, shifts are buffers)."""
+        count = sum(p.numel() for p in self.gm.parameters())
+        for m in self.gm.modules():
+            if isinstance(m, Leaf) and hasattr(m, "codes") and hasattr(m, "bits"):
+                count += sum(b.numel() for b in (m.codes, m.scale, getattr(m, "shift", None)) if b is not None)
+        return count
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gm.state_dict().values())

@@ -121,6 +121,12 @@ PASSES: dict[str, str] = {
     "fold.batchnorm": "edgec.passes.bnfold:FoldBatchNorm",
     "scaffold.hrf": "edgec.passes.hrf:HRFScaffold",
     "fold.hrf": "edgec.passes.hrf:FoldHRF",
+    "scaffold.sttn": "edgec.passes.sttn:STTNScaffold",
+    "fold.sttn": "edgec.passes.sttn:FoldSTTN",
+    "scaffold.dlt": "edgec.passes.dlt:DLTScaffold",
+    "fold.dlt": "edgec.passes.dlt:FoldDLT",
+    "scaffold.binary": "edgec.passes.binary:BinaryScaffold",
+    "fold.binary": "edgec.passes.binary:FoldBinary",
 }
 
 

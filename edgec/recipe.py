@@ -41,12 +41,19 @@ STEPS: dict[str, StepDef] = {
     "import.hf": StepDef("import_hf", ("folder", "output"), (), ("folder",), ("output",)),
     "scaffold.hrf": StepDef("scaffold_hrf", ("input", "output"), ("expand", "include", "exclude", "init", "seed", "arch"),
                             ("input",), ("output",), {"input": "input_path"}),
+    "scaffold.ternary": StepDef("scaffold_ternary", ("input", "output"),
+                                ("method", "group_size", "activations", "include", "exclude", "keep_first_last",
+                                 "seed", "arch"), ("input",), ("output",), {"input": "input_path"}),
+    "scaffold.binary": StepDef("scaffold_binary", ("input", "output"),
+                               ("activations", "latent_weight", "include", "exclude", "keep_first_last", "arch"),
+                               ("input",), ("output",), {"input": "input_path"}),
     "fold": StepDef("fold", ("input",), ("output", "arch"), ("input",), ("output",), {"input": "input_path"}),
     "export": StepDef("export", ("input",), ("output", "opset", "arch"), ("input",), ("output",),
                       {"input": "input_path"}),
     "finetune": StepDef("finetune", ("input", "data", "output"),
                         ("epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed", "teacher",
-                         "kd_weight", "kd_temperature", "resume", "resume_file", "keep_resume", "device", "n_mels",
+                         "kd_weight", "kd_temperature", "distill", "off_weight", "off_layers", "binary_weights",
+                         "resume", "resume_file", "keep_resume", "device", "n_mels",
                          "frames", "val_fraction", "arch"), ("input", "data", "teacher"), ("output", "resume_file"),
                         {"input": "input_path"}),
     "eval": StepDef("evaluate", ("input", "data"), ("split", "threads", "latency_batch", "no_latency", "arch", "n_mels",
@@ -60,13 +67,15 @@ STEPS: dict[str, StepDef] = {
 _STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
 PARAM_TYPES: dict[str, tuple] = {
     **dict.fromkeys(("name", "output", "input", "folder", "data", "teacher", "arch", "init", "split", "device",
-                     "resume_file"), _STR),
+                     "resume_file", "method", "activations", "weights", "distill"), _STR),
     **dict.fromkeys(("seed", "expand", "opset", "epochs", "batch_size", "threads", "latency_batch", "n_mels",
-                     "frames"), _INT),
-    **dict.fromkeys(("lr", "weight_decay", "warmup", "grad_clip", "kd_weight", "kd_temperature", "val_fraction"), _NUM),
-    **dict.fromkeys(("resume", "keep_resume", "no_latency"), _BOOL),
-    **dict.fromkeys(("include", "exclude"), (str, list)),
+                     "frames", "group_size"), _INT),
+    **dict.fromkeys(("lr", "weight_decay", "warmup", "grad_clip", "kd_weight", "kd_temperature", "val_fraction",
+                     "off_weight"), _NUM),
+    **dict.fromkeys(("resume", "keep_resume", "no_latency", "keep_first_last"), _BOOL),
+    **dict.fromkeys(("include", "exclude", "off_layers"), (str, list)),
     "set": (dict,),
+    **dict.fromkeys(("latent_weight", "binary_weights"), (str, list)),
 }
 
 
@@ -76,7 +85,7 @@ def _check_type(where: str, key: str, value) -> None:
         return
     ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
     if isinstance(value, list) and ok:
-        ok = all(isinstance(v, str) for v in value)
+        ok = all(isinstance(v, (int, float) if key in ("latent_weight", "binary_weights") else str) for v in value)
     if not ok:
         names = " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true/false",
                              list: "a list of strings", dict: "a table"}[t] for t in expected)

@@ -86,8 +86,10 @@ def progress_bar(text: str, total: int, enabled: bool = True):
 
 
 def check_text(check: dict) -> str:
-    if not isinstance(check, dict) or "rel_error" not in check:
+    if not isinstance(check, dict):
         return str(check)
+    if "rel_error" not in check:  # an informational record: short key=value pairs
+        return ", ".join(f"{k}={_brief(v)}" for k, v in check.items())
     mark = "ok" if check.get("passed", True) else "FAILED"
     return f"{mark}: rel. error {check['rel_error']:.2e} (tol {check['tolerance']:.0e})"
 
@@ -112,6 +114,16 @@ def provenance_tree(title: str, records: list[dict]) -> Tree:
         if rec.get("output_digest"):
             node.add(f"digest {rec['output_digest'][:16]}")
     return tree
+
+
+def _brief(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v)) if len(v) <= 3 else f"{len(v)} items"
+    if isinstance(v, dict):
+        return f"{{{len(v)} keys}}"
+    return str(v)
 
 
 def _short(v) -> str:

@@ -3,6 +3,12 @@
 This is what ``edgec finetune`` calls (also under ``torchrun ... -m edgec finetune``). It works unchanged under
 ``torchrun`` (see :mod:`edgec.train.distributed`): every rank loads and trains, only rank 0 writes the
 output and the resume file, and every rank returns the result (``written`` is true on rank 0 only).
+
+Distillation: ``distill="logits"|"off"`` without ``teacher`` uses the full-precision checkpoint the
+scaffold came from: the newest ``scaffold.*`` provenance record of the model names its ``input_digest``,
+and the ``.pt`` file next to the model whose stored digest equals it is loaded (and its digest re-checked);
+see :func:`edgec.train.distill.find_teacher`. The teacher's file name, digest and how it was found are
+recorded in the ``finetune`` provenance record with the other distillation options.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from edgec.errors import EdgecError
 from edgec.train import distributed as D
 
 FINETUNE_VERSION = 1
+DISTILL_FIELDS = ("train_task_loss", "train_kd_loss", "train_off_loss", "train_real_loss", "train_binary_aux_loss")
 
 
 def data_name(source) -> str:
@@ -25,6 +32,18 @@ def data_name(source) -> str:
         p = Path(s).resolve()
         return p.parent.name if p.name == "labels.csv" else p.name
     return s
+
+
+def _load_teacher(path, arch):
+    """The teacher checkpoint; a user architecture is allowed when it is the student's (``arch``)."""
+    from edgec.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except EdgecError as exc:
+        if arch and f"user architecture '{arch}'" in str(exc):
+            return load_checkpoint(path, arch=arch)
+        raise
 
 
 def default_resume_file(output) -> Path:
@@ -46,8 +65,12 @@ def finetune_file(
     warmup: float = 0.1,
     grad_clip: float | None = 1.0,
     seed: int = 0,
-    kd_weight: float = 0.5,
+    kd_weight: float | None = None,
     kd_temperature: float = 2.0,
+    distill: str | None = None,
+    off_weight: float = 1.0,
+    off_layers=None,
+    binary_weights=None,
     resume: bool = False,
     resume_file=None,
     keep_resume: bool = False,
@@ -61,10 +84,15 @@ def finetune_file(
     The resume file (default ``<output>.resume``) is written after every epoch and deleted after the
     output is saved unless ``keep_resume``; ``resume=True`` continues from it. A ``finetune`` provenance
     record is appended (not a structural pass). Returns a JSON-able dict.
+
+    ``distill`` (None = "logits" with a teacher, else "none"; "none" | "logits" | "off"), ``kd_weight``,
+    ``off_weight``, ``off_layers`` and ``binary_weights`` are passed to :func:`edgec.train.loop.finetune`;
+    "logits"/"off" without ``teacher`` look the teacher up by digest (module docstring).
     """
     from edgec.checkpoint import load_checkpoint, save_checkpoint
     from edgec.data import load_data
-    from edgec.train.loop import finetune
+    from edgec.train.distill import find_teacher, scaffold_sources
+    from edgec.train.loop import DISTILL_MODES, finetune
 
     t0 = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
@@ -77,7 +105,17 @@ def finetune_file(
 
     with D.session() as info:
         model = load_checkpoint(model_path, arch=arch)
-        tmodel = load_checkpoint(teacher) if teacher is not None else None
+        mode = ("logits" if teacher is not None else "none") if distill in (None, "auto") else str(distill).lower()
+        if mode not in DISTILL_MODES:
+            raise EdgecError(f"--distill must be one of {', '.join(DISTILL_MODES)} (got {distill!r})")
+        teacher_source = "given" if teacher is not None else None
+        if teacher is None and mode in ("logits", "off"):
+            teacher, want = find_teacher(model_path, model, mode, exclude=[output])
+            teacher_source = "scaffold provenance"
+        tmodel = _load_teacher(teacher, arch) if teacher is not None else None
+        if teacher_source == "scaffold provenance" and tmodel.digest() != want:
+            raise EdgecError(f"{Path(teacher).name} claims digest {want[:12]}… but its weights hash to "
+                             f"{tmodel.digest()[:12]}…; pass --teacher CKPT explicitly")
         # Rank 0 loads first so that it alone computes and caches audio features; the others then read the cache.
         if not info.is_main:
             D.barrier(info)
@@ -90,8 +128,10 @@ def finetune_file(
         best, report = finetune(
             model, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
             grad_clip=grad_clip, seed=seed, teacher=tmodel, kd_weight=kd_weight, kd_temperature=kd_temperature,
-            resume_file=rfile, resume=resume, progress=progress, device=device,
+            resume_file=rfile, resume=resume, progress=progress, device=device, distill=mode, off_weight=off_weight,
+            off_layers=off_layers, binary_weights=binary_weights,
         )
+        dinfo = report["distill"]
 
         params = {
             "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
@@ -100,8 +140,17 @@ def finetune_file(
             "data_options": {k: v for k, v in sorted(opts.items()) if k != "cache_dir"},
         }
         if tmodel is not None:
-            params |= {"teacher": Path(teacher).name, "teacher_digest": tmodel.digest(),
-                       "kd_weight": float(kd_weight), "kd_temperature": float(kd_temperature)}
+            params |= {"distill": dinfo["mode"], "teacher": Path(teacher).name, "teacher_digest": tmodel.digest(),
+                       "teacher_source": teacher_source, "kd_weight": dinfo["kd_weight"],
+                       "kd_temperature": float(kd_temperature)}
+            if dinfo["mode"] == "off":
+                params |= {"off_weight": dinfo["off_weight"], "off_layers": dinfo["off_layers"]}
+            sources = scaffold_sources(model)
+            if sources and tmodel.digest() not in sources:
+                report["notes"].append(f"the teacher {Path(teacher).name} is not the checkpoint the scaffold came "
+                                       f"from (digest {sources[0][:12]}…)")
+        if dinfo["binary_weights"] is not None:
+            params["binary_weights"] = dinfo["binary_weights"]
         monitor = report["monitor"]
         record = {
             "pass": "finetune",
@@ -114,7 +163,8 @@ def finetune_file(
                 "val": report["best"],
                 "steps": report["steps"],
                 "history": [{"epoch": h["epoch"], "train_loss": h["train_loss"], f"val_{monitor}": h["val"][monitor],
-                             "val_loss": h["val"]["loss"]} for h in report["history"]],
+                             "val_loss": h["val"]["loss"]} | {k: h[k] for k in DISTILL_FIELDS if k in h}
+                            for h in report["history"]],
             },
             "checks": {},
         }
@@ -154,6 +204,8 @@ def finetune_file(
         "params": best.param_count(),
         "bytes": best.nbytes(),
         "notes": report["notes"],
+        "distill": dinfo | {"teacher_file": Path(teacher).name if teacher is not None else None,
+                            "teacher_source": teacher_source},
         "seconds": time.perf_counter() - t0,
         "train_seconds": report["seconds"],
     }

@@ -13,6 +13,16 @@ Choices that decide results (all recorded in the report, and in the resume finge
   channel; the example is seen in other epochs).
 * Loss: cross-entropy (classification) / MSE (regression); with a teacher
   ``(1 − kd_weight)·task + kd_weight·T²·KL(softmax(t/T) ‖ softmax(s/T))``; plus ``extra_loss`` if given.
+  ``distill``: "none", "logits" (the line above; ``kd_weight`` 1.0 is pure distillation, STTN's recipe) or
+  "off": ``(1 − kd_weight)·task + kd_weight·KD + off_weight · L_OFF`` (kd_weight defaults to 0 here, so
+  ``task + λ·L_OFF`` as in TernaryLLM), ``L_OFF`` = mean over the ``off_layers`` (default: every block
+  output) and positions of ``1 − cos(h_student, h_teacher)``; see :mod:`edgec.train.distill` for how block
+  outputs are found in the traced graph and over which dimension the cosine runs.
+  Binary scaffolds (latent-weight supervision, arXiv 2110.05850): ``+ λ1·task(real-network outputs) +
+  λ2·mean over binary layers (1 − cos(y_b, y_r))``; the real network is one more forward of the same graph
+  under ``edgec.passes.binary.real_mode`` (every binary layer computes with its real latent weight), the
+  cosine term is ``binary_aux_loss`` from the binary layers' outputs of the main forward. (λ1, λ2) default
+  to the ``latent_weight`` scaffold.binary recorded; ``binary_weights`` overrides, (0, 0) disables.
 * Validation after every epoch on ``data.split("val")`` in eval mode; keep-best by val UAR
   (classification) or CCC (regression), ties broken by the lower val loss (then the earlier epoch).
   The returned model carries the best epoch's weights, in eval mode, on the CPU.
@@ -34,11 +44,13 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from edgec.errors import EdgecError
 from edgec.graph import Model
+from edgec.train import distill as DS
 from edgec.train import distributed as D
 from edgec.train.losses import FeatureTap, combined_loss, first_output, task_loss
 from edgec.train.resume import load_resume, rng_state, save_resume, seed_all, set_rng_state
 
 LOOP_VERSION = 1
+DISTILL_MODES = ("none", "logits", "off")
 MONITOR = {"classification": "uar", "regression": "ccc"}
 
 
@@ -161,6 +173,16 @@ def _preflight(model: Model, data, ds: Dataset, device: torch.device, role: str)
                              f"{want} target(s) per example")
 
 
+def _preflight_features(fgm, tfgm, layers, ds: Dataset, device: torch.device) -> None:
+    """Two val examples through the student and teacher feature graphs: refuse features that differ in shape."""
+    x, _ = collate(ds, list(range(min(2, len(ds)))))
+    fgm.eval()
+    with torch.no_grad():
+        _, s = fgm(*_args(_to(x, device)))
+        _, t = tfgm(*_args(_to(x, device)))
+    DS.check_features(dict(zip(layers, s)), dict(zip(layers, t)))
+
+
 def _unused_parameters(gm: torch.nn.Module, ds: Dataset, device: torch.device) -> list[str]:
     """Trainable parameters that get no gradient (one eval-mode forward/backward, no state change)."""
     x, _ = collate(ds, list(range(min(2, len(ds)))))
@@ -174,6 +196,9 @@ def _unused_parameters(gm: torch.nn.Module, ds: Dataset, device: torch.device) -
     else:
         grads = [None] * len(params)
     return [n for (n, _), g in zip(params, grads) if g is None]
+
+
+SUM_KEYS = ("loss", "task", "kd", "off", "real", "aux", "extra", "n")
 
 
 def _check_hyper(epochs, batch_size, lr, weight_decay, warmup, grad_clip, kd_weight, kd_temperature, info) -> None:
@@ -193,7 +218,7 @@ def _check_hyper(epochs, batch_size, lr, weight_decay, warmup, grad_clip, kd_wei
         problems.append(f"warmup is a fraction of the total steps in [0, 1) (got {warmup})")
     if grad_clip is not None and not float(grad_clip) >= 0:
         problems.append(f"grad_clip must be >= 0 (0 disables; got {grad_clip})")
-    if not 0.0 <= float(kd_weight) <= 1.0:
+    if kd_weight is not None and not 0.0 <= float(kd_weight) <= 1.0:
         problems.append(f"kd_weight must be in [0, 1] (got {kd_weight})")
     if not float(kd_temperature) > 0:
         problems.append(f"kd_temperature must be > 0 (got {kd_temperature})")
@@ -233,7 +258,7 @@ def finetune(
     grad_clip: float | None = 1.0,
     seed: int = 0,
     teacher: Model | None = None,
-    kd_weight: float = 0.5,
+    kd_weight: float | None = None,
     kd_temperature: float = 2.0,
     resume_file: str | Path | None = None,
     resume: bool = False,
@@ -241,10 +266,20 @@ def finetune(
     extra_loss: Callable | None = None,
     feature_layers: list[str] | None = None,
     device: str | None = None,
+    distill: str | None = None,
+    off_weight: float = 1.0,
+    off_layers: list[str] | str | None = None,
+    binary_weights: tuple[float, float] | str | None = None,
 ) -> tuple[Model, dict]:
     """Fine-tune a copy of ``model`` on ``data`` (an ``edgec.data.DataBundle``); return ``(best model, report)``.
 
-    ``model`` itself is not modified. ``teacher`` (frozen, eval mode) adds logits distillation.
+    ``model`` itself is not modified. ``teacher`` (frozen, eval mode) is the distillation teacher.
+    ``distill``: None (= "logits" when a teacher is given, else "none"), "none", "logits" or "off" (both
+    need ``teacher``). ``kd_weight``: weight of the logits term, default 0.5 with "logits" and 0 with "off"
+    (1.0 = pure distillation). ``off_weight`` (λ, default 1) and ``off_layers`` (module names or globs;
+    default every block output) configure OFF. ``binary_weights=(λ1, λ2)``: latent-weight supervision of
+    binary scaffolds (the student must have some); None uses the weights scaffold.binary recorded (its
+    ``latent_weight``) when the student has binary scaffolds, (0, 0) or "off" disables.
     ``resume_file``: written after every epoch (rank 0); with ``resume=True`` the run continues from it and
     ends bit-identical to an uninterrupted run. ``progress(event: dict)`` receives ``start``/``step``/
     ``epoch``/``end`` events (rank 0 only). ``extra_loss(outputs, (inputs, targets), features)`` returns a
@@ -252,22 +287,70 @@ def finetune(
     captured from the leaf modules named by ``feature_layers`` (globs allowed). ``device``: None/"auto"
     (CUDA if available), "cpu", "cuda", "cuda:1". Under torchrun (WORLD_SIZE > 1) it trains with DDP.
 
-    Report: ``history`` (per epoch: train_loss [+ train_task_loss/train_kd_loss/train_extra_loss], lr,
+    Report: ``history`` (per epoch: train_loss [+ train_task_loss/train_kd_loss/train_off_loss/
+    train_off_layers/train_real_loss/train_binary_aux_loss/train_extra_loss], lr,
     val metrics, seconds, is_best), ``best_epoch``, ``best`` (val metrics), ``monitor``, ``steps``,
-    ``final_lr``, ``seconds``, ``world_size``, ``batch_size_per_process``, ``resumed_from``, sizes, notes.
+    ``final_lr``, ``seconds``, ``world_size``, ``batch_size_per_process``, ``resumed_from``, ``distill``
+    (mode, teacher digest, weights, OFF layers), sizes, notes.
     """
     with D.session() as info:
         return _finetune(model, data, info, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                          weight_decay=float(weight_decay), warmup=float(warmup),
                          grad_clip=float(grad_clip or 0.0), seed=int(seed), teacher=teacher,
-                         kd_weight=float(kd_weight), kd_temperature=float(kd_temperature),
+                         kd_weight=None if kd_weight is None else float(kd_weight),
+                         kd_temperature=float(kd_temperature),
                          resume_file=Path(resume_file) if resume_file else None, resume=bool(resume),
-                         progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device)
+                         progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device,
+                         distill=distill, off_weight=off_weight, off_layers=off_layers,
+                         binary_weights=binary_weights)
+
+
+def resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_weights) -> dict:
+    """Check the distillation options; return ``{"mode", "kd_weight", "off_weight", "off_layers", "binary"}``."""
+    mode = ("logits" if teacher is not None else "none") if distill in (None, "auto") else str(distill).lower()
+    if mode not in DISTILL_MODES:
+        raise EdgecError(f"distill must be one of {', '.join(DISTILL_MODES)} (got {distill!r})")
+    if mode != "none" and teacher is None:
+        raise EdgecError(f"distill '{mode}' needs a teacher (the full-precision model the scaffold came from)")
+    if mode == "none" and teacher is not None:
+        raise EdgecError("a teacher was given but distill is 'none'; use distill 'logits' or 'off'")
+    kd = (0.5 if mode == "logits" else 0.0) if kd_weight is None else float(kd_weight)
+    if mode == "none":
+        kd = 0.0
+    try:
+        lam = float(off_weight)
+    except (TypeError, ValueError):
+        raise EdgecError(f"off_weight must be a number >= 0 (got {off_weight!r})") from None
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise EdgecError(f"off_weight must be a finite number >= 0 (got {off_weight})")
+    if isinstance(off_layers, str):
+        off_layers = [p.strip() for p in off_layers.split(",") if p.strip()]
+    off_layers = list(off_layers) if off_layers else None
+    if mode != "off" and off_layers:
+        raise EdgecError(f"off_layers only applies with distill 'off' (distill is '{mode}')")
+    binary = "auto"
+    if binary_weights is False or (isinstance(binary_weights, str) and binary_weights.lower() in ("off", "none")):
+        binary = None
+    elif binary_weights is not None and not (isinstance(binary_weights, str) and binary_weights.lower() == "auto"):
+        if isinstance(binary_weights, str):
+            binary_weights = binary_weights.split(",")
+        try:
+            binary = tuple(float(v) for v in binary_weights)
+        except (TypeError, ValueError):
+            binary = ()
+        if len(binary) != 2 or not all(v >= 0 and math.isfinite(v) for v in binary):
+            raise EdgecError(f"binary_weights must be two numbers λ1,λ2 >= 0 (got {binary_weights!r})")
+        if binary == (0.0, 0.0):
+            binary = None
+    return {"mode": mode, "kd_weight": kd, "off_weight": lam, "off_layers": off_layers, "binary": binary}
 
 
 def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_decay, warmup, grad_clip, seed,
-              teacher, kd_weight, kd_temperature, resume_file, resume, progress, extra_loss, feature_layers, device):
+              teacher, kd_weight, kd_temperature, resume_file, resume, progress, extra_loss, feature_layers, device,
+              distill, off_weight, off_layers, binary_weights):
     _check_hyper(epochs, batch_size, lr, weight_decay, warmup, grad_clip, kd_weight, kd_temperature, info)
+    opts = resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_weights)
+    mode, kd_weight = opts["mode"], opts["kd_weight"]
     if data.task not in MONITOR:
         raise EdgecError(f"cannot fine-tune on a '{data.task}' task (expected classification or regression)")
     if resume and resume_file is None:
@@ -288,12 +371,41 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
         tgm.requires_grad_(False)
         _preflight(tmodel, data, val_ds, dev, "teacher")
 
+    notes: list[str] = []
+    # OFF: feature-extraction copies of the student and the teacher graph (sharing their modules).
+    layers, fgm, tfgm = None, None, None
+    if mode == "off":
+        layers = DS.resolve_layers(gm, opts["off_layers"], "model")
+        fgm = DS.feature_extractor(gm, layers)
+        try:
+            tfgm = DS.feature_extractor(tgm, layers)
+        except EdgecError as exc:
+            raise EdgecError(f"the teacher has no layer matching the student's OFF layers ({exc})") from None
+        tfgm.eval()
+        _preflight_features(fgm, tfgm, layers, val_ds, dev)
+    binary_fns = None
+    if opts["binary"] == "auto":  # the weights scaffold.binary recorded (its --latent-weight), if any
+        opts["binary"] = None
+        if DS.has_binary_scaffold(gm):
+            binary_fns = DS.binary_api()
+            recorded = binary_fns[2](gm)
+            if recorded is not None and any(float(v) > 0 for v in recorded):
+                opts["binary"] = tuple(float(v) for v in recorded)
+                notes.append(f"binary latent-weight supervision λ1,λ2 = {list(opts['binary'])} (recorded by "
+                             "scaffold.binary; binary_weights overrides, (0, 0) disables)")
+            else:
+                binary_fns = None
+    elif opts["binary"] is not None:
+        if not DS.has_binary_scaffold(gm):
+            raise EdgecError(f"binary_weights needs a student with binary scaffolds (edgec scaffold binary); "
+                             f"the model ({student.arch}) has none")
+        binary_fns = DS.binary_api()
+
     per_rank = batch_size // info.world_size
     n_train = len(train_ds)
     steps_per_epoch = len(epoch_batches(n_train, 0, seed, per_rank, info))
     total_steps = epochs * steps_per_epoch
     warmup_steps = int(round(warmup * total_steps))
-    notes = []
     if info.distributed and batch_size % info.world_size:
         notes.append(f"batch_size {batch_size} is not divisible by {info.world_size} processes: "
                      f"{per_rank} per process ({per_rank * info.world_size} per step)")
@@ -308,6 +420,15 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
     }
     if teacher is not None:
         fingerprint |= {"kd_weight": kd_weight, "kd_temperature": kd_temperature}
+    if mode == "off":  # (logits distillation is identified by the teacher and kd keys, as before)
+        fingerprint |= {"distill": mode, "off_weight": opts["off_weight"], "off_layers": layers}
+    if opts["binary"] is not None:
+        fingerprint["binary_weights"] = list(opts["binary"])
+    distill_info = {"mode": mode, "teacher": fingerprint["teacher"],
+                    "kd_weight": kd_weight if mode != "none" else None,
+                    "kd_temperature": kd_temperature if mode != "none" else None,
+                    "off_weight": opts["off_weight"] if mode == "off" else None, "off_layers": layers,
+                    "binary_weights": list(opts["binary"]) if opts["binary"] is not None else None}
 
     decay = [p for p in gm.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in gm.parameters() if p.requires_grad and p.ndim < 2]
@@ -352,7 +473,9 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
                              "bit-identical to an uninterrupted run")
 
         find_unused = bool(info.distributed and _unused_parameters(gm, val_ds, dev))
-        net = D.wrap_ddp(gm, info, dev, find_unused)
+        # DDP wraps the module that training runs (the feature-extraction copy for OFF): it holds the very
+        # same parameters as gm, so gradients are all-reduced exactly as for gm itself.
+        net = D.wrap_ddp(fgm if fgm is not None else gm, info, dev, find_unused)
 
         emit({"event": "start", "epochs": epochs, "start_epoch": start_epoch + 1, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps, "world_size": info.world_size, "batch_size": batch_size,
@@ -364,7 +487,7 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
                 net.train()
-                sums = {"loss": 0.0, "task": 0.0, "kd": 0.0, "extra": 0.0, "n": 0.0}
+                sums = dict.fromkeys(SUM_KEYS, 0.0) | {f"off:{n}": 0.0 for n in (layers or [])}
                 for i, idx in enumerate(epoch_batches(n_train, epoch, seed, per_rank, info)):
                     x, y = collate(train_ds, idx)
                     x, y = _to(x, dev), y.to(dev)
@@ -372,12 +495,34 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
                         for tap in taps.values():
                             tap.clear()
                     out = net(*_args(x))
+                    if fgm is not None:
+                        out, sfeat = out
                     pred = first_output(out)
                     tpred = None
                     if tgm is not None:
                         with torch.no_grad():
-                            tpred = first_output(tgm(*_args(x)))
-                    loss, parts = combined_loss(pred, y, data.task, tpred, kd_weight, kd_temperature)
+                            if tfgm is not None:
+                                tout, tfeat = tfgm(*_args(x))
+                            else:
+                                tout = tgm(*_args(x))
+                            tpred = first_output(tout)
+                    kd_pred = tpred if (mode == "logits" or kd_weight > 0) else None
+                    loss, parts = combined_loss(pred, y, data.task, kd_pred, kd_weight, kd_temperature)
+                    if fgm is not None:
+                        loff, per_layer = DS.off_loss(dict(zip(layers, sfeat)), dict(zip(layers, tfeat)), layers)
+                        loss = loss + opts["off_weight"] * loff
+                        parts["off"] = loff.detach()
+                        parts |= {f"off:{n}": v for n, v in per_layer.items()}
+                    if binary_fns is not None:
+                        aux_fn, real_mode, _ = binary_fns
+                        aux = aux_fn(gm, lambda2=1.0).to(pred.device)  # mean over binary layers of 1 − cos
+                        with real_mode(gm):
+                            rout = net(*_args(x))
+                        rpred = first_output(rout[0] if fgm is not None else rout)
+                        lreal = task_loss(rpred, y, data.task)
+                        lam1, lam2 = opts["binary"]
+                        loss = loss + lam1 * lreal + lam2 * aux
+                        parts |= {"real": lreal.detach(), "aux": aux.detach()}
                     if extra_loss is not None:
                         feats = {k: dict(t.features) for k, t in taps.items()} if taps else {}
                         feats.setdefault("student", {})
@@ -406,7 +551,7 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
                     emit({"event": "step", "epoch": epoch + 1, "epochs": epochs, "step": i + 1,
                           "steps": steps_per_epoch, "global_step": step, "loss": value, "lr": last_lr,
                           "grad_norm": grad_norm})
-                keys = ["loss", "task", "kd", "extra", "n"]
+                keys = list(sums)
                 totals = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys], info, dev)))
                 D.broadcast_buffers(gm, info)
                 val = evaluate(gm, val_ds, data.task, data.num_classes, batch_size, dev)
@@ -418,8 +563,15 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
                 n = max(1.0, totals["n"])
                 row = {"epoch": epoch + 1, "train_loss": totals["loss"] / n, "lr": last_lr, "val": val,
                        "seconds": time.perf_counter() - t0, "is_best": improved}
-                if tgm is not None:
-                    row |= {"train_task_loss": totals["task"] / n, "train_kd_loss": totals["kd"] / n}
+                if tgm is not None or binary_fns is not None:
+                    row["train_task_loss"] = totals["task"] / n
+                if kd_weight > 0 or mode == "logits":
+                    row["train_kd_loss"] = totals["kd"] / n
+                if fgm is not None:
+                    row["train_off_loss"] = totals["off"] / n
+                    row["train_off_layers"] = {name: totals[f"off:{name}"] / n for name in layers}
+                if binary_fns is not None:
+                    row |= {"train_real_loss": totals["real"] / n, "train_binary_aux_loss": totals["aux"] / n}
                 if extra_loss is not None:
                     row["train_extra_loss"] = totals["extra"] / n
                 history.append(row)
@@ -461,7 +613,7 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
         "final_lr": last_lr, "seconds": seconds, "world_size": info.world_size, "batch_size": batch_size,
         "batch_size_per_process": per_rank, "train_examples": n_train, "val_examples": len(val_ds),
         "resumed_from": start_epoch if resume else None, "device": str(dev), "warmup_steps": warmup_steps,
-        "fingerprint": fingerprint, "notes": notes, "rank": info.rank,
+        "fingerprint": fingerprint, "notes": notes, "rank": info.rank, "distill": distill_info,
     }
     emit({"event": "end", "best_epoch": best["epoch"], "best": best["metrics"], "seconds": seconds,
           "steps": step})

@@ -9,8 +9,9 @@
   so an ``extra_loss`` can compare hidden features of the student and the teacher (e.g. OFF, TernaryLLM's
   cosine feature distillation: ``mean(1 − cos(h_s, h_t))``). Note that in a traced ``fx.GraphModule``
   only LEAF modules (``call_module`` nodes: Linear, norms, scaffolds, ...) are called; container modules
-  such as a whole encoder block are inlined into the graph and never run, so a block's output is tapped at
-  its last leaf (or by adding a graph output). :class:`FeatureTap` refuses names that are not called.
+  such as a whole encoder block are inlined into the graph and never run. :class:`FeatureTap` refuses
+  names that are not called; for block outputs (a residual block ends with an ``add``, not a leaf) use
+  ``distill="off"``, which reads them from the graph (:mod:`edgec.train.distill`).
 """
 from __future__ import annotations
 
