@@ -151,19 +151,24 @@ def fold(input_path: str | Path, output: str | Path | None = None, arch: str | N
 
 
 def export(input_path: str | Path, output: str | Path | None = None, opset: int | None = None,
-           arch: str | None = None) -> dict:
+           arch: str | None = None, weights: str = "auto", forms: str = "measure") -> dict:
+    """Verified ONNX; ``weights`` auto|fp32|int2 (auto: INT2 where the graph has ternary/binary layers),
+    ``forms`` measure|dq|matmulnbits (how INT2 Linear layers are stored; measure = fastest per layer)."""
     from edgec.checkpoint import atomic_write
-    from edgec.passes.export import DEFAULT_OPSET, export as export_onnx
+    from edgec.passes.export import export as export_onnx
 
     model = load(input_path, arch)
     out = _out_path(input_path, output, ".onnx")
-    data, record = export_onnx(model, opset=opset or DEFAULT_OPSET)
+    data, record = export_onnx(model, opset=opset, weights=weights, forms=forms)
     atomic_write(out, data)
     parity = record["checks"]["ort_parity"]
+    lowbit = record.get("lowbit") or {}
     return {"input": str(input_path), "output": str(out), "file_bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "opset": opset or DEFAULT_OPSET,
-            "params": model.param_count(), "checks": record["checks"], "max_rel_error": parity["rel_error"],
-            "passes": len(model.provenance) + 1}
+            "sha256": hashlib.sha256(data).hexdigest(), "opset": record["params"]["opset"],
+            "weights": record["params"]["weights"], "params": model.param_count(), "checks": record["checks"],
+            "max_rel_error": parity["rel_error"], "passes": len(model.provenance) + 1,
+            "size": record.get("size"), "lowbit_layers": lowbit.get("layers"),
+            "fp32_layers": lowbit.get("fp32_layers")}
 
 
 def finetune(input_path: str | Path, data: str, output: str | Path, **options) -> dict:

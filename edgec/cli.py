@@ -228,7 +228,10 @@ def fold(
 def export(
     model: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
     output: OutOpt = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 20).")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 20; 25 with INT2 weights).")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="auto (INT2 where the graph is ternary/binary) | fp32 | int2.")] = "auto",
+    forms: Annotated[str, typer.Option("--forms", help="INT2 Linear storage: measure (fastest per layer) | dq "
+                                       "(DequantizeLinear) | matmulnbits.")] = "measure",
     arch: ArchOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -236,13 +239,22 @@ def export(
     from edgec import api
 
     with r.spinner("exporting and verifying", not as_json):
-        res = api.export(model, output, opset, arch)
+        res = api.export(model, output, opset, arch, weights=weights, forms=forms)
     if as_json:
         return r.print_json(res)
     parity = res["checks"]["ort_parity"]
     rows = [("output", res["output"]), ("size", r.human_bytes(res["file_bytes"])), ("opset", res["opset"]),
-            ("params", r.human_count(res["params"])), ("sha256", res["sha256"][:16]),
-            ("provenance", f"{res['passes']} record(s) in metadata 'edgec.provenance'")]
+            ("weights", res["weights"])]
+    if res.get("size"):
+        sz = res["size"]
+        forms_used = {}
+        for layer in res["lowbit_layers"] or []:
+            forms_used[layer.get("form", "?")] = forms_used.get(layer.get("form", "?"), 0) + 1
+        rows += [("low-bit layers", f"{len(res['lowbit_layers'] or [])} ({', '.join(f'{k}×{v}' for k, v in forms_used.items())})"),
+                 ("low-bit weights vs fp32", f"{sz['lowbit_weight_ratio']:.3f}"),
+                 ("file vs fp32 file", f"{sz['file_ratio']:.3f} (fp32 layers: {len(res['fp32_layers'] or [])})")]
+    rows += [("params", r.human_count(res["params"])), ("sha256", res["sha256"][:16]),
+             ("provenance", f"{res['passes']} record(s) in metadata 'edgec.provenance'")]
     for name, p in parity["parity"].items():
         rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", r.check_text(p | {
             "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))

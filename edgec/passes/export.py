@@ -8,6 +8,18 @@ JSON under the ``edgec.provenance`` metadata key.
 
 Tolerance: max |ORT − torch| / max(1, max |torch|) ≤ 1e-4 by default (fp32 kernels in ORT fuse and
 reorder reductions, so bit-exactness is not expected; observed errors are ~1e-6).
+
+Weights (``weights=``): "fp32" exports every weight as the exporter writes it (low-bit layers as their int8
+codes and the float ops that dequantize them, opset 20 by default); "int2" stores every ternary/binary layer as
+real 2-bit data (opset 25, IR 13; see ``edgec.passes.lowbit_export`` for the per-layer forms, their choice by
+measurement and the size accounting) and refuses a model without low-bit layers; "auto" (default) is int2 when
+the model has low-bit layers, else fp32. For int2 the gating parity check runs with
+``session.qdq_matmulnbits_accuracy_level = 0`` (no int8 quantization of activations in the DQ+MatMul →
+MatMulNBits fusion ORT applies by default), at the same tolerance; the error of a default session is recorded
+for information (``checks.ort_parity_default_session``).
+
+The export runs with parameters frozen (``requires_grad=False``) so straight-through estimators in activation
+quantizers trace as their eval-mode forward (Sign/Add/Mul), exactly as ``Model.run`` computes them.
 """
 from __future__ import annotations
 
@@ -49,12 +61,18 @@ def quiet():
             lg.setLevel(level)
 
 
-def to_onnx(model: Model, opset: int = DEFAULT_OPSET):
-    """Export to an ``onnx.ModelProto`` with metadata stripped (not yet verified)."""
+def to_onnx(model: Model, opset: int = DEFAULT_OPSET, rewrite=None):
+    """Export to an ``onnx.ModelProto`` with metadata stripped (not yet verified).
+
+    ``rewrite``: a function applied in place to the exporter's ``onnx_ir.Model`` before it is optimized (the
+    optimizer then runs on the result, as it would have on the plain export).
+    """
     import torch
 
     spec = model.spec
     gm = model.clone().gm.eval()
+    for p in gm.parameters():  # eval-mode forward: no straight-through branches in the traced graph
+        p.requires_grad_(False)
     dynamic = [{axis: torch.export.Dim(d.name, min=d.min, max=d.max) for axis, d in dims.items()} or None
                for dims in spec.dynamic_dims()]
     args = spec.sample(seed=0)
@@ -63,10 +81,14 @@ def to_onnx(model: Model, opset: int = DEFAULT_OPSET):
             program = torch.onnx.export(
                 gm, args, dynamo=True, opset_version=opset, dynamic_shapes=tuple(dynamic),
                 input_names=[t.name for t in spec.inputs], output_names=list(spec.outputs),
-                optimize=True, verbose=False, external_data=False)
+                optimize=rewrite is None, verbose=False, external_data=False)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise EdgecError(f"ONNX export failed: {msg}") from exc
+    if rewrite is not None:
+        rewrite(program.model)
+        with quiet():
+            program.optimize()
     proto = program.model_proto
     strip_metadata(proto)
     return proto
@@ -110,9 +132,9 @@ def ort_session(data: bytes, threads: int = 1, **config):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_parity(model: Model, data: bytes, seeds=(0, 1)) -> dict:
-    """Max error of ORT vs torch at the traced shape and at the alternative shape."""
-    session = ort_session(data)
+def ort_parity(model: Model, data: bytes, seeds=(0, 1), config: dict | None = None) -> dict:
+    """Max error of ORT vs torch at the traced shape and at the alternative shape (``config``: session entries)."""
+    session = ort_session(data, **(config or {}))
     names = [i.name for i in session.get_inputs()]
     result = {}
     for alt in (False, True):
@@ -131,25 +153,65 @@ def ort_parity(model: Model, data: bytes, seeds=(0, 1)) -> dict:
     return result
 
 
-def export(model: Model, opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, tool_versions: dict | None = None):
-    """Export, verify and annotate. Returns (onnx bytes, export provenance record)."""
+def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE, tool_versions: dict | None = None,
+           weights: str = "auto", forms: str = "measure", threads: int = 1):
+    """Export, verify and annotate. Returns (onnx bytes, export provenance record).
+
+    ``opset``: None → 20 for fp32 weights, 25 for int2; an explicit opset below 25 is an error with "int2"
+    and turns "auto" into fp32 (recorded as ``params.weights_requested``).
+    ``weights``: "auto" | "fp32" | "int2" (module docstring). ``forms`` / ``threads``: how int2 layers choose
+    between DequantizeLinear and MatMulNBits ("measure" | "dq" | "matmulnbits"; ``edgec.passes.lowbit_export``).
+    The returned record is the one embedded in the file, plus (int2 only) ``measurements`` (per-layer timings,
+    not embedded because they vary run to run) and ``size`` (file bytes and the fp32-equivalent file size).
+    """
     import onnx
 
+    from edgec.passes import lowbit_export as lb
+
     refuse_scaffolds(model)
-    proto = to_onnx(model, opset)
+    mode = lb.resolve_weights(model, weights)
+    lb.check_forms(forms)
+    mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
+    report = measurements = None
+    if mode == "int2":
+        state = {}
+
+        def rewrite(ir_model):
+            state["result"] = lb.lowbit_rewrite(model, ir_model, forms=forms, threads=threads)
+
+        proto = to_onnx(model, opset, rewrite=rewrite)
+        report, measurements, storage = state["result"]
+        lb.check_storage(proto, storage)
+        proto.ir_version = max(proto.ir_version, lb.LOWBIT_IR_VERSION)
+    else:
+        proto = to_onnx(model, opset)
     plain = proto.SerializeToString(deterministic=True)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"exported ONNX does not validate: {str(exc).splitlines()[0]}") from None
-    parity = ort_parity(model, plain)
+    config = dict(lb.STRICT_SESSION_CONFIG) if mode == "int2" else {}
+    parity = ort_parity(model, plain, config=config)
     worst = max(v["rel_error"] for v in parity.values())
     check = {"parity": parity, "rel_error": worst, "tolerance": tolerance, "passed": worst <= tolerance}
+    checks = {"ort_parity": check}
+    params = {"opset": opset, "weights": mode}
+    if weights != mode:
+        params["weights_requested"] = weights
+    if mode == "int2":
+        check["session_config"] = config
+        default = ort_parity(model, plain)
+        checks["ort_parity_default_session"] = {
+            "parity": default, "rel_error": max(v["rel_error"] for v in default.values()), "informational": True,
+            "note": "default ORT session: DQ+MatMul fused into MatMulNBits with int8-quantized activations"}
+        params.update({"forms": forms, "ir_version": proto.ir_version})
     record = {
-        "pass": "export.onnx", "version": 1, "params": {"opset": opset},
-        "input_digest": model.digest(), "checks": {"ort_parity": check},
+        "pass": "export.onnx", "version": 1, "params": params,
+        "input_digest": model.digest(), "checks": checks,
         "tools": tool_versions or versions(),
     }
+    if report is not None:
+        record["lowbit"] = report
     provenance = {
         "format": "edgec.provenance/1",
         "arch": model.arch, "config": model.config, "spec": model.spec.to_json(),
@@ -164,7 +226,16 @@ def export(model: Model, opset: int = DEFAULT_OPSET, tolerance: float = TOLERANC
     entry.key, entry.value = PROVENANCE_KEY, canonical_json(provenance)
     data = proto.SerializeToString(deterministic=True)
     if not check["passed"]:
-        raise CheckFailed(f"ONNX parity check failed: relative error {worst:.3g} > tolerance {tolerance:.3g}")
+        raise CheckFailed(f"ONNX parity check failed: relative error {worst:.3g} > tolerance {tolerance:.3g}"
+                          + (f" (session config {config})" if config else ""))
+    if mode == "int2":
+        w = report["weights"]
+        fp32_equiv = len(data) - w["int2_bytes"] - w["aux_bytes"] + w["fp32_bytes"]
+        record = dict(record, measurements=measurements, size={
+            "file_bytes": len(data), "fp32_equivalent_file_bytes": fp32_equiv, "file_ratio": len(data) / fp32_equiv,
+            "lowbit_weight_ratio": w["ratio"], "int2_payload_ratio": w["int2_ratio"],
+            "note": "fp32-equivalent = this file with every low-bit weight stored as float32 instead of its INT2 "
+                    "codes, scales, shifts and zero points; layers listed in lowbit.fp32_layers stay float32"})
     return data, record
 
 
