@@ -125,6 +125,7 @@ PASSES: dict[str, str] = {
     "fold.sttn": "edgec.passes.sttn:FoldSTTN",
     "scaffold.dlt": "edgec.passes.dlt:DLTScaffold",
     "fold.dlt": "edgec.passes.dlt:FoldDLT",
+    "prune.channels": "edgec.passes.prune_channels:PruneChannels",
     "scaffold.binary": "edgec.passes.binary:BinaryScaffold",
     "fold.binary": "edgec.passes.binary:FoldBinary",
 }

@@ -1,0 +1,683 @@
+"""Per-unit latency profiling in onnxruntime: the measurements behind ``edgec profile`` and latency tables.
+
+A *prunable unit* is a set of channels pruned together, described by :class:`Unit`:
+
+* ``layers`` — producers: Linear / Conv1d / Conv2d modules whose **output** channels are the unit's channels
+  (several for a coupled group: Q/K/V of attention heads, both halves of a GLU, every conv writing a residual);
+* ``consumers`` — modules whose **input** channels are the unit's channels (FFN ``linear2``, ``out_proj``, the
+  conv after a pruned conv);
+* ``per_channel`` — modules in between whose input *and* output shrink (depthwise convs; BatchNorm is listed
+  but not timed: it folds away);
+* ``width`` — the number of prunable units (channels, hidden units, heads). At density ``s`` the unit keeps
+  ``k = round(width·s)`` (at least 1) and every producer/consumer dimension shrinks by the same fraction
+  ``k / width`` (a GLU producer with ``2·width`` outputs keeps ``2k``; Q/K/V of ``width`` heads keep
+  ``k·head_dim`` rows). A depthwise conv shrinks its input, output and group count together.
+
+``units``: None or "layers" — every Linear/Conv1d/Conv2d layer is its own unit (producer only): the generic
+default; "groups" — the prunable groups of ``edgec.prune.groups.find_groups`` (producers, consumers,
+per-channel layers, ``size`` units); or a list of units in any form :func:`as_unit` reads (a ``Group``
+included). Listed modules that are not Linear/Conv1d/Conv2d or never run (Embedding, BatchNorm, Conv3d) are
+recorded as ``untimed``; a name that is no module at all is an error.
+
+How a unit is timed (the faithful-and-simple choice): one small ONNX graph holds every producer and
+consumer of the unit as an *independent* op (MatMul+Add for a Linear on (..., in) as the exporter writes it,
+Gemm for a 2-D Linear, Conv for Conv1d/2d, with the input shape each layer sees in the traced model at the
+requested input shapes), each fed its own random input with the shrunk channel count, and the graph is run
+with :func:`edgec.latency.measure.measure_session` (warm-up, median). Independent ops rather than a chain
+because producer and consumer are usually separated by reshapes/GLU/attention whose shapes would have to be
+rebuilt; the ops inside them are in the remainder. The fixed cost of one ``session.run`` (about 5 µs on the
+development machine, recorded as ``run_overhead_ms``) is in every unit's numbers at every density, so it
+cancels in differences; the remainder absorbs the extra copies (it is lower by (units − 1) × overhead).
+
+Known gaps (measured on the zoo, see the closing note of the ALCS issue): element-wise work on the pruned
+channels between producer and consumer (activations, GLU, unfused BatchNorm) shrinks in the real model but
+sits in the remainder, so savings are slightly underestimated; an isolated op runs with its weights hot in
+cache and without ORT's Conv+BN+activation fusions; a conv's ``padding_mode`` other than zeros is timed as
+zero padding.
+
+Patterns: ``"channel"`` shrinks the layers physically; ``"simd:N"`` keeps shapes and runs each eligible
+producer (Linear, or 1×1 stride-1 unpadded ungrouped conv) through the gathered-blocks path of
+:mod:`edgec.latency.simd` with a balanced random vector mask of that density (consumers and other layers
+stay dense; a unit with no eligible producer has no ``simd`` entry). At density 1.0 every pattern is the
+dense graph (an unpruned layer is exported dense), measured once and shared.
+
+Calibration: the whole dense model (``edgec.passes.export.to_onnx``) is timed too; ``remainder = dense −
+Σ_units t_u(1.0)`` is everything not in a unit (norms, attention matmuls, activations, run overhead). When
+units share a layer (a conv that consumes one group and produces another) that layer is counted in both,
+and the remainder goes down (it may be negative); differences stay exact for one unit at a time. Pruning
+both units shrinks such a layer in *both* dimensions: its cost ``ℓ(a, b)`` (kept fractions ``a`` of its
+outputs, ``b`` of its inputs) is roughly separable, ``ℓ(a, b) ≈ ℓ(a, 1)·ℓ(1, b) / ℓ(1, 1)``, while the
+additive sum gives ``ℓ(a, 1) + ℓ(1, b) − ℓ(1, 1)`` — far too low (negative even) when both are pruned hard,
+as in ResNet where every conv links two groups. The difference is ``Δ_out(a)·Δ_in(b) / ℓ(1, 1)`` with
+``Δ`` the layer's saving from one side alone. So each such *shared layer* is also timed alone (dense,
+outputs at 0.5, inputs at 0.5), giving linear savings ``Δ_out(a) ≈ c_out·(1 − a)``, ``Δ_in(b) ≈ c_in·(1 − b)``
+(MLAS's convs are often far from symmetric: shrinking 16 output channels may save nothing while shrinking
+inputs saves linearly), and ``slope = c_out·c_in / (ℓ(1, 1) − run overhead)`` is stored under
+``interactions``; the latency model adds ``slope·(1 − a)(1 − b)`` per shared layer — zero whenever one of the
+two units stays dense, so every single-unit curve is still reproduced exactly.
+
+Noise: units are measured in ``rounds``; each round times every density of the unit (alternating order), and
+the table keeps the median over rounds of each statistic. The dense model is timed before and after the
+units; both runs are recorded so drift is visible.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgec.errors import EdgecError
+from edgec.latency import simd as simd_mod
+from edgec.latency.measure import create_session, measure_session
+
+DEFAULT_DENSITIES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+DEFAULT_PATTERNS = ("channel",)
+INTERACTION_DENSITY = 0.5  # where a shared layer's slopes are measured
+OPSET = 20
+
+
+# --- units ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """A prunable unit: ``layers`` (producers), ``consumers`` and ``per_channel`` layers shrink together;
+    ``width`` prunable units (channels / hidden units / heads)."""
+
+    name: str
+    layers: tuple[str, ...]
+    width: int
+    consumers: tuple[str, ...] = ()
+    kind: str = "group"
+    per_channel: tuple[str, ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.layers + self.consumers + self.per_channel))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "width": int(self.width), "layers": list(self.layers),
+                "consumers": list(self.consumers), "per_channel": list(self.per_channel)}
+
+
+def _names(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(x) for x in value)
+
+
+def as_unit(obj) -> Unit:
+    """Read a unit from a :class:`Unit`; a tuple ``(name, layers, width[, consumers[, per_channel]])``; a dict
+    with those keys; an ``edgec.prune.groups.Group`` (``producers``, ``consumers``, ``per_channel``, ``size``
+    units); or any object with ``name``/``layers``/``width`` attributes."""
+    if isinstance(obj, Unit):
+        return obj
+    get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
+    if isinstance(obj, (tuple, list)) and 3 <= len(obj) <= 5:
+        name, layers, width = obj[0], obj[1], obj[2]
+        consumers = obj[3] if len(obj) > 3 else ()
+        per_channel = obj[4] if len(obj) > 4 else ()
+        kind = "group"
+    elif get("producers") is not None and get("size") is not None:  # edgec.prune.groups.Group
+        name, layers, width = get("name"), get("producers"), get("size")
+        consumers, per_channel, kind = get("consumers"), get("per_channel"), get("kind") or "group"
+    elif get("name") is not None and get("layers") is not None and get("width") is not None:
+        name, layers, width = get("name"), get("layers"), get("width")
+        consumers, per_channel, kind = get("consumers"), get("per_channel"), get("kind") or "group"
+    else:
+        raise EdgecError(f"cannot read a prunable unit from {type(obj).__name__}: give (name, [layers], width"
+                         f"[, [consumers][, [per_channel]]]), a dict with those keys, or a channel Group")
+    try:
+        width = int(width)
+    except (TypeError, ValueError):
+        width = 0
+    layers = _names(layers)
+    if not name or width < 1 or not layers:
+        raise EdgecError(f"prunable unit {name!r}: needs a name, at least one layer and a width >= 1 (got {width})")
+    return Unit(str(name), layers, width, _names(consumers), str(kind), _names(per_channel))
+
+
+def group_units(model) -> list[Unit]:
+    """The prunable coupled-channel groups of ``model`` (``edgec.prune.groups``) as units."""
+    from edgec.prune.groups import find_groups
+
+    return [as_unit(g) for g in find_groups(model) if g.prunable]
+
+
+def resolve_units(model, units, shapes: dict, layers: dict) -> list[Unit]:
+    """``units`` (None / "layers" / "groups" / a list) as checked :class:`Unit` objects."""
+    if units is None or (isinstance(units, str) and units == "layers"):
+        out = layer_units(model, shapes, layers)
+    elif isinstance(units, str) and units == "groups":
+        out = group_units(model)
+    elif isinstance(units, str):
+        raise EdgecError(f"units must be 'layers', 'groups' or a list of units, got '{units}'")
+    else:
+        out = [as_unit(u) for u in units]
+    if not out:
+        raise EdgecError("nothing to profile: the model has no prunable unit"
+                         + (" (no prunable channel group)" if units == "groups" else ""))
+    check_units(out, layers, model)
+    return out
+
+
+# --- shapes and inputs ------------------------------------------------------------------------------
+
+def resolve_shapes(spec, shapes=None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """``{input name: shape}``: the spec's traced shapes with the batch axis set to ``batch`` (default 1),
+    overridden by ``shapes`` (a dict by name, or a sequence of shapes in input order). Checked against the
+    spec: rank, static axes, and the bounds of dynamic axes."""
+    batch = 1 if batch is None else int(batch)
+    if batch < 1:
+        raise EdgecError(f"batch must be >= 1, got {batch}")
+    out = {}
+    for t in spec.inputs:
+        shape = list(t.shape())
+        if t.dims and not isinstance(t.dims[0], int):
+            shape[0] = batch
+        out[t.name] = tuple(shape)
+    if shapes is None:
+        return out
+    if not isinstance(shapes, dict):
+        shapes = list(shapes)
+        if len(shapes) != len(spec.inputs):
+            raise EdgecError(f"the model takes {len(spec.inputs)} input(s) "
+                             f"({', '.join(t.name for t in spec.inputs)}), got {len(shapes)} shape(s)")
+        shapes = {t.name: s for t, s in zip(spec.inputs, shapes)}
+    unknown = [n for n in shapes if n not in out]
+    if unknown:
+        raise EdgecError(f"no model input named {', '.join(map(str, unknown))}; "
+                         f"inputs: {', '.join(t.name for t in spec.inputs)}")
+    for t in spec.inputs:
+        if t.name not in shapes:
+            continue
+        shape = tuple(int(d) for d in shapes[t.name])
+        if len(shape) != len(t.dims):
+            raise EdgecError(f"input '{t.name}' has {len(t.dims)} axes, the shape {list(shape)} has {len(shape)}")
+        for axis, (d, v) in enumerate(zip(t.dims, shape)):
+            if isinstance(d, int):
+                if v != d:
+                    raise EdgecError(f"input '{t.name}' axis {axis} is fixed at {d}, got {v}")
+            elif not d.min <= v <= d.max:
+                raise EdgecError(f"input '{t.name}' axis {axis} ({d.name}) must be in [{d.min}, {d.max}], got {v}")
+        out[t.name] = shape
+    return out
+
+
+def parse_input_shapes(spec, texts) -> dict[str, tuple[int, ...]] | None:
+    """CLI ``--input-shape`` values: ``NAME=1x200x40`` (or ``1,200,40``); the name may be left out for a
+    single-input model. Returns ``{name: shape}`` (checked by :func:`resolve_shapes`), or None for none."""
+    if not texts:
+        return None
+    names = [t.name for t in spec.inputs]
+    shapes = {}
+    for text in texts:
+        name, sep, dims = str(text).partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise EdgecError(f"--input-shape '{text}': name the input (NAME=1x2x3); inputs: {', '.join(names)}")
+            name, dims = names[0], text
+        parts = [p for p in re.split(r"[x,×\s]+", dims.strip()) if p]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise EdgecError(f"--input-shape '{text}': expected positive integers like 1x200x40")
+        shapes[name.strip()] = tuple(int(p) for p in parts)
+    resolve_shapes(spec, shapes)
+    return shapes
+
+
+def make_inputs(spec, shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs at ``shapes`` following the spec (float: normal; int: in ``[0, high)``, or ones for masks)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for t in spec.inputs:
+        shape = tuple(shapes[t.name])
+        if t.dtype == "int64":
+            feed[t.name] = (np.ones(shape, np.int64) if t.ones
+                            else rng.integers(0, t.high or 2, size=shape, dtype=np.int64))
+        else:
+            feed[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+# --- layers as the traced graph sees them -----------------------------------------------------------
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    module: object
+    in_shapes: list = field(default_factory=list)  # one input shape per call
+    out_shapes: list = field(default_factory=list)
+
+    @property
+    def out_channels(self) -> int:
+        m = self.module
+        return m.out_features if self.kind == "linear" else m.out_channels
+
+    @property
+    def in_channels(self) -> int:
+        m = self.module
+        return m.in_features if self.kind == "linear" else m.in_channels
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.kind == "linear" else int(self.module.groups)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind != "linear" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    def simd_eligible(self) -> bool:
+        if self.kind == "linear":
+            return True
+        m = self.module
+        return (self.groups == 1 and all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride)
+                and not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
+
+    def describe(self) -> dict:
+        m = self.module
+        return {"kind": self.kind, "weight": list(m.weight.shape), "bias": m.bias is not None,
+                "groups": self.groups, "input_shapes": [list(s) for s in self.in_shapes]}
+
+
+def _layer_kind(module) -> str | None:
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def trace_layers(model, shapes: dict) -> dict[str, LayerInfo]:
+    """Every Linear/Conv1d/Conv2d call in the traced graph with the input/output shape it sees when the model
+    runs (eval mode) on inputs of ``shapes`` — a shape propagation over the fx graph that does not write
+    node metadata. Returns ``{module name: LayerInfo}`` in graph order."""
+    import torch
+    import torch.fx as fx
+
+    spec = model.spec
+    feed = make_inputs(spec, shapes)
+    args = [torch.from_numpy(feed[t.name]) for t in spec.inputs]
+    found: dict[str, LayerInfo] = {}
+
+    class Recorder(fx.Interpreter):
+        def call_module(self, target, args_, kwargs):
+            out = super().call_module(target, args_, kwargs)
+            module = self.fetch_attr(target)
+            kind = _layer_kind(module)
+            if kind is not None and args_ and hasattr(args_[0], "shape"):
+                info = found.setdefault(target, LayerInfo(target, kind, module))
+                info.in_shapes.append(tuple(args_[0].shape))
+                info.out_shapes.append(tuple(out.shape))
+            return out
+
+    gm = model.gm
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            Recorder(gm).run(*args)
+    except EdgecError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise EdgecError(f"the model does not run on inputs of shape {dict(shapes)}: {msg}") from None
+    finally:
+        gm.train(was_training)
+    return found
+
+
+def layer_units(model, shapes: dict | None = None, layers: dict | None = None) -> list[Unit]:
+    """The generic default units: each Linear/Conv1d/Conv2d layer alone (producer only), width = its outputs."""
+    if layers is None:
+        layers = trace_layers(model, shapes if shapes is not None else resolve_shapes(model.spec))
+    units = []
+    for name, info in layers.items():
+        kind = ("dw" + info.kind) if info.depthwise else info.kind
+        units.append(Unit(name, (name,), info.out_channels, (), kind))
+    return units
+
+
+# --- tiny ONNX graphs per unit ----------------------------------------------------------------------
+
+def _keep(dim: int, frac: float) -> int:
+    return max(1, min(int(dim), int(math.floor(dim * frac + 0.5))))
+
+
+def _conv_pads(module, spatial_rank: int) -> list[int]:
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return [0] * (2 * spatial_rank)
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        begin = [t // 2 for t in total]
+        return begin + [t - b for t, b in zip(total, begin)]
+    return list(pad) + list(pad)
+
+
+def _layer_nodes(info: LayerInfo, call: int, prefix: str, *, out_frac: float = 1.0, in_frac: float = 1.0,
+                 simd: tuple[int, float] | None = None, rng=None):
+    """Nodes for one layer call with shrunk widths (or the SIMD path); returns (nodes, inits, x_vi, y_vi, x)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = rng if rng is not None else np.random.default_rng(0)
+    in_shape = list(info.in_shapes[call])
+    c_in, c_out, g = info.in_channels, info.out_channels, info.groups
+    if info.kind == "linear":
+        c_in2, c_out2, g2 = _keep(c_in, in_frac), _keep(c_out, out_frac), 1
+    elif info.depthwise:
+        c_in2 = c_out2 = g2 = _keep(c_in, min(in_frac, out_frac))
+    elif g > 1:  # grouped conv: shrink every group alike
+        c_in2, c_out2, g2 = _keep(c_in // g, in_frac) * g, _keep(c_out // g, out_frac) * g, g
+    else:
+        c_in2, c_out2, g2 = _keep(c_in, in_frac), _keep(c_out, out_frac), 1
+    axis = len(in_shape) - 1 if info.kind == "linear" else 1
+    in_shape[axis] = c_in2
+    x_name, y_name = f"{prefix}.x", f"{prefix}.y"
+    x = rng.standard_normal(in_shape).astype(np.float32)
+    bias = info.module.bias is not None
+    nodes, inits = [], []
+    if simd is not None:
+        n, density = simd
+        w = (rng.standard_normal((c_out2, c_in2)) * 0.05).astype(np.float32)
+        mask = simd_mod.random_mask(c_out2, c_in2, n, density, seed=int(rng.integers(1 << 30)))
+        b = rng.standard_normal(c_out2).astype(np.float32) if bias else None
+        nodes, inits = simd_mod.simd_nodes(x_name, y_name, w, mask, n, bias=b,
+                                           layout="linear" if info.kind == "linear" else "conv", prefix=prefix)
+    elif info.kind == "linear":
+        w = (rng.standard_normal((c_out2, c_in2)) * 0.05).astype(np.float32)
+        if len(in_shape) == 2 and bias:
+            inits.append(numpy_helper.from_array(w, f"{prefix}.w"))
+            inits.append(numpy_helper.from_array(rng.standard_normal(c_out2).astype(np.float32), f"{prefix}.b"))
+            nodes.append(helper.make_node("Gemm", [x_name, f"{prefix}.w", f"{prefix}.b"], [y_name], transB=1))
+        else:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{prefix}.wt"))
+            if bias:
+                inits.append(numpy_helper.from_array(rng.standard_normal(c_out2).astype(np.float32), f"{prefix}.b"))
+                nodes.append(helper.make_node("MatMul", [x_name, f"{prefix}.wt"], [f"{prefix}.mm"]))
+                nodes.append(helper.make_node("Add", [f"{prefix}.mm", f"{prefix}.b"], [y_name]))
+            else:
+                nodes.append(helper.make_node("MatMul", [x_name, f"{prefix}.wt"], [y_name]))
+    else:
+        m = info.module
+        spatial = len(in_shape) - 2
+        w = (rng.standard_normal([c_out2, c_in2 // g2, *m.kernel_size]) * 0.05).astype(np.float32)
+        inputs = [x_name, f"{prefix}.w"]
+        inits.append(numpy_helper.from_array(w, f"{prefix}.w"))
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(c_out2).astype(np.float32), f"{prefix}.b"))
+            inputs.append(f"{prefix}.b")
+        nodes.append(helper.make_node("Conv", inputs, [y_name], kernel_shape=list(m.kernel_size),
+                                      strides=list(m.stride), dilations=list(m.dilation),
+                                      pads=_conv_pads(m, spatial), group=g2))
+    x_vi = helper.make_tensor_value_info(x_name, TensorProto.FLOAT, in_shape)
+    y_vi = helper.make_tensor_value_info(y_name, TensorProto.FLOAT, [None] * len(in_shape))
+    return nodes, inits, x_vi, y_vi, x
+
+
+def _roles(unit: Unit, layers: dict) -> list[tuple[str, str]]:
+    """(layer, role) for every timed member; a layer listed twice keeps its first role."""
+    roles = {}
+    for names, role in ((unit.layers, "producer"), (unit.consumers, "consumer"), (unit.per_channel, "per_channel")):
+        for name in names:
+            if name in layers and name not in roles:
+                roles[name] = role
+    return list(roles.items())
+
+
+def untimed(unit: Unit, layers: dict) -> list[str]:
+    return [n for n in unit.members if n not in layers]
+
+
+def unit_onnx(unit: Unit, layers: dict[str, LayerInfo], frac: float = 1.0, simd: tuple[int, float] | None = None,
+              seed: int = 0):
+    """The timing graph of ``unit``: producers with ``frac`` of their outputs and consumers with ``frac`` of
+    their inputs (channel pattern), or producers through the SIMD path at ``simd = (N, density)``.
+    Returns ``(ModelProto, feed)``."""
+    import onnx
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, ins, outs, feed = [], [], [], [], {}
+    for i, (name, role) in enumerate(_roles(unit, layers)):
+        info = layers[name]
+        for call in range(len(info.in_shapes)):
+            prefix = f"u{i}c{call}"
+            kwargs = {}
+            if simd is not None:
+                if role == "producer" and info.simd_eligible():
+                    kwargs["simd"] = simd
+            elif role == "producer":
+                kwargs["out_frac"] = frac
+            elif role == "consumer":
+                kwargs["in_frac"] = frac
+            else:
+                kwargs["out_frac"] = kwargs["in_frac"] = frac
+            n, ini, x_vi, y_vi, x = _layer_nodes(info, call, prefix, rng=rng, **kwargs)
+            nodes += n
+            inits += ini
+            ins.append(x_vi)
+            outs.append(y_vi)
+            feed[x_vi.name] = x
+    graph = helper.make_graph(nodes, f"unit_{unit.name}", ins, outs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgec")
+    proto.ir_version = min(proto.ir_version, 10)
+    onnx.checker.check_model(proto)
+    return proto, feed
+
+
+def check_units(units: list[Unit], layers: dict[str, LayerInfo], model=None) -> None:
+    """Refuse duplicate unit names and members that are no module of ``model`` (or, without ``model``, no
+    traced Linear/Conv layer). Modules that exist but are not timed are allowed (``untimed``)."""
+    modules = set(dict(model.gm.named_modules())) if model is not None else set()
+    names = set()
+    for u in units:
+        if u.name in names:
+            raise EdgecError(f"two prunable units are named '{u.name}'")
+        names.add(u.name)
+        for layer in u.members:
+            if layer not in layers and layer not in modules:
+                known = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
+                raise EdgecError(f"unit '{u.name}': '{layer}' is not a module of the model "
+                                 f"(timed layers: {known})")
+
+
+# --- profiling --------------------------------------------------------------------------------------
+
+def _points(unit: Unit, layers: dict, densities, pattern: str):
+    """The distinct configurations of one unit under one pattern: [(density, kept, config key)], density desc."""
+    kind, n = simd_mod.parse_pattern(pattern)
+    points, seen = [], set()
+    for s in sorted({float(d) for d in densities}, reverse=True):
+        if kind == "channel":
+            k = _keep(unit.width, s)
+            actual, cfg = k / unit.width, ("channel", k)
+            if k == unit.width:
+                cfg = ("dense",)
+        else:
+            eligible = [layers[name] for name in unit.layers if name in layers and layers[name].simd_eligible()]
+            if not eligible:
+                return []
+            kept = sum(simd_mod.kept_vectors(i.in_channels, s) * simd_mod.n_blocks(i.out_channels, n) for i in eligible)
+            total = sum(i.in_channels * simd_mod.n_blocks(i.out_channels, n) for i in eligible)
+            k = kept
+            actual = kept / total
+            cfg = ("dense",) if kept == total else ("simd", n, s)
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        points.append((actual, k, cfg))
+    return points
+
+
+def _stat_median(results: list[dict]) -> dict:
+    return {k: float(np.median([r[k] for r in results])) for k in ("median_ms", "p10_ms", "p90_ms")}
+
+
+def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, batch: int = 1, shapes=None,
+            patterns=DEFAULT_PATTERNS, *, warmup: int = 3, repeats: int = 15, min_seconds: float = 0.05,
+            rounds: int = 2, dense_repeats: int = 30, dense_min_seconds: float = 0.3, seed: int = 0,
+            dense_onnx=None, progress=None) -> dict:
+    """Measure a latency table (format: :mod:`edgec.latency.table`) for ``model`` (an ``edgec.graph.Model``).
+
+    ``units``: None / "layers" (each Linear/Conv layer alone), "groups", or a list (see :func:`as_unit` and the
+    module docstring). ``densities``: the
+    grid (1.0 is always added). ``shapes``/``batch``: input shapes (see :func:`resolve_shapes`).
+    ``patterns``: "channel" and/or "simd:N". ``warmup``/``repeats``/``min_seconds``: per configuration and
+    round (:func:`measure_session`); ``rounds``: repetitions of each unit's sweep, medians kept.
+    ``dense_onnx``: the model's ONNX (bytes/proto/path) if already exported, else ``to_onnx(model)``.
+    ``progress``: optional callable taking a one-line message.
+    """
+    from edgec.latency import table as table_mod
+
+    if int(rounds) < 1:
+        raise EdgecError(f"rounds must be >= 1, got {rounds}")
+    say = progress or (lambda _msg: None)
+    grid = table_mod.normalise_densities(densities)
+    patterns = table_mod.normalise_patterns(patterns)
+    shapes = resolve_shapes(model.spec, shapes, batch)
+    layers = trace_layers(model, shapes)
+    units = resolve_units(model, units, shapes, layers)
+    key = table_mod.table_key(model, threads, shapes)
+    feed = make_inputs(model.spec, shapes, seed)
+
+    if dense_onnx is None:
+        from edgec.passes.export import to_onnx
+
+        say("exporting the dense model")
+        dense_onnx = to_onnx(model)
+    dense_session = create_session(dense_onnx, threads)
+
+    def time_dense():
+        return measure_session(dense_session, feed, threads=threads, warmup=warmup,
+                               repeats=dense_repeats, min_seconds=dense_min_seconds)
+
+    say("timing the dense model")
+    dense_runs = [time_dense()]
+    overhead = _run_overhead(threads, warmup, repeats, min_seconds)
+
+    entries = []
+    for ui, unit in enumerate(units):
+        say(f"unit {ui + 1}/{len(units)}: {unit.name}")
+        plan = {p: _points(unit, layers, grid, p) for p in patterns}
+        timed = bool(_roles(unit, layers))
+        configs = {}
+        for pts in plan.values():
+            for _, _, cfg in pts:
+                if cfg not in configs and timed:
+                    if cfg[0] == "dense":
+                        proto, x = unit_onnx(unit, layers, 1.0, seed=seed)
+                    elif cfg[0] == "channel":
+                        proto, x = unit_onnx(unit, layers, cfg[1] / unit.width, seed=seed)
+                    else:
+                        proto, x = unit_onnx(unit, layers, simd=(cfg[1], cfg[2]), seed=seed)
+                    configs[cfg] = (create_session(proto, threads), x)
+        stats = _measure_configs(configs, rounds, threads=threads, warmup=warmup, repeats=repeats,
+                                 min_seconds=min_seconds)
+        if not timed:  # only untimed members (Embedding, BatchNorm ...): no measurable cost of its own
+            stats = {cfg: {"median_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0} for pts in plan.values() for _, _, cfg in pts}
+        entry = unit.to_json()
+        entry["layer_info"] = {name: layers[name].describe() for name in unit.members if name in layers}
+        entry["untimed"] = untimed(unit, layers)
+        entry["patterns"] = {}
+        for p, pts in plan.items():
+            if not pts:
+                continue
+            entry["patterns"][p] = {
+                "density": [round(a, 6) for a, _, _ in pts],
+                "kept": [int(k) for _, k, _ in pts],
+                "median_ms": [stats[c]["median_ms"] for _, _, c in pts],
+                "p10_ms": [stats[c]["p10_ms"] for _, _, c in pts],
+                "p90_ms": [stats[c]["p90_ms"] for _, _, c in pts],
+            }
+        entry["dense_ms"] = stats[("dense",)]["median_ms"]
+        entries.append(entry)
+        del configs
+
+    shared = shared_layers(units, layers)
+    interactions = []
+    for li, layer in enumerate(dict.fromkeys(name for name, _, _ in shared)):
+        say(f"shared layer {li + 1}: {layer}")
+        info = layers[layer]
+        ref = INTERACTION_DENSITY
+        out_frac = _keep(info.out_channels, ref) / info.out_channels
+        in_frac = _keep(info.in_channels, ref) / info.in_channels
+        alone = {"dense": unit_onnx(Unit(layer, (layer,), 1), layers, 1.0, seed=seed),
+                 "out": unit_onnx(Unit(layer, (layer,), 1), layers, out_frac, seed=seed),
+                 "in": unit_onnx(Unit(layer, (), 1, (layer,)), layers, in_frac, seed=seed)}
+        configs = {k: (create_session(proto, threads), x) for k, (proto, x) in alone.items()}
+        st = _measure_configs(configs, rounds, threads=threads, warmup=warmup, repeats=repeats,
+                              min_seconds=min_seconds)
+        dense_ms = st["dense"]["median_ms"]
+        c_out = max(0.0, (dense_ms - st["out"]["median_ms"]) / (1 - out_frac)) if out_frac < 1 else 0.0
+        c_in = max(0.0, (dense_ms - st["in"]["median_ms"]) / (1 - in_frac)) if in_frac < 1 else 0.0
+        slope = c_out * c_in / max(dense_ms - overhead, 1e-9)
+        for name, out_unit, in_unit in shared:
+            if name == layer:
+                interactions.append({"layer": layer, "out_unit": out_unit, "in_unit": in_unit, "slope_ms": slope,
+                                     "out_slope_ms": c_out, "in_slope_ms": c_in, "dense_ms": dense_ms,
+                                     "ref_density": ref, "out_ms": st["out"]["median_ms"],
+                                     "in_ms": st["in"]["median_ms"]})
+
+    say("timing the dense model again")
+    dense_runs.append(time_dense())
+    dense = _stat_median(dense_runs)
+    dense["runs_ms"] = [r["median_ms"] for r in dense_runs]
+    units_sum = float(sum(e["dense_ms"] for e in entries))
+    request = table_mod.table_request(units, grid, patterns)
+    return table_mod.make_table(
+        key=key, request=request, model=model, units=entries, dense=dense, units_sum=units_sum,
+        overhead=overhead, inputs=table_mod.inputs_json(model.spec, shapes), interactions=interactions,
+        protocol={"warmup": int(warmup), "repeats": int(repeats), "min_seconds": float(min_seconds),
+                  "rounds": int(rounds), "dense_repeats": int(dense_repeats),
+                  "dense_min_seconds": float(dense_min_seconds), "opset": OPSET, "seed": int(seed)})
+
+
+def _measure_configs(configs: dict, rounds: int, **options) -> dict:
+    """Time every ``{key: (session, feed)}`` in ``rounds`` alternating sweeps; medians over rounds."""
+    results = {cfg: [] for cfg in configs}
+    order = list(configs)
+    for r in range(int(rounds)):
+        for cfg in (order if r % 2 == 0 else order[::-1]):
+            session, x = configs[cfg]
+            results[cfg].append(measure_session(session, x, **options))
+    return {cfg: _stat_median(res) for cfg, res in results.items()}
+
+
+def shared_layers(units: list[Unit], layers: dict) -> list[tuple[str, str, str]]:
+    """``(layer, out_unit, in_unit)`` for every timed layer whose outputs shrink with one unit (producer or
+    per-channel) and whose inputs shrink with another (consumer): the layers the additive model counts twice."""
+    outs, ins = {}, {}
+    for u in units:
+        for name in u.layers + u.per_channel:
+            outs.setdefault(name, []).append(u.name)
+        for name in u.consumers:
+            ins.setdefault(name, []).append(u.name)
+    found = []
+    for name in layers:
+        for a in dict.fromkeys(outs.get(name, [])):
+            for b in dict.fromkeys(ins.get(name, [])):
+                if a != b:
+                    found.append((name, a, b))
+    return found
+
+
+def _run_overhead(threads, warmup, repeats, min_seconds) -> float:
+    """Median time of ``session.run`` on a trivial graph (1-element Identity): the fixed cost in every unit."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = min(proto.ir_version, 10)
+    session = create_session(proto, threads)
+    return measure_session(session, {"x": np.zeros(1, np.float32)}, warmup=warmup, repeats=repeats,
+                           min_seconds=min_seconds)["median_ms"]

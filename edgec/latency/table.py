@@ -1,0 +1,385 @@
+"""Latency tables: the JSON file ``edgec profile`` writes, its key, the cache, and loading a device's table.
+
+Format (``edgec.latency-table/1``; written with sorted keys and 1-space indent, so the same table is the
+same bytes; no timestamps)::
+
+    {"format": "edgec.latency-table/1",
+     "key": {                                   # what the numbers depend on
+        "runtime": "onnxruntime", "runtime_version": "1.32.0", "provider": "CPUExecutionProvider",
+        "threads": 1, "cpu": "AMD EPYC ...", "machine": "x86_64", "cores": 2,
+        "arch": "conformer", "config_digest": "<sha256 of arch + config + structural passes>",
+        "inputs": [{"name": "features", "shape": [1, 200, 40], "dtype": "float32"}]},
+     "request": {"densities": [1.0, 0.875, ...], "patterns": ["channel", "simd:8"],
+                 "units": [{"name", "kind", "width", "layers", "consumers"}, ...]},
+     "model": {"arch", "config", "digest"},     # informative: weights do not change fp32 latency
+     "inputs": [{"name", "shape", "dtype"[, "high", "ones"]}],
+     "protocol": {"warmup", "repeats", "min_seconds", "rounds", ...},
+     "machine_info": {"usable_cores": 2},
+     "densities": [1.0, 0.875, ...],            # the requested grid
+     "dense": {"median_ms", "p10_ms", "p90_ms", "runs_ms": [before, after]},   # whole dense model
+     "units": [{"name", "kind", "width", "layers", "consumers", "per_channel", "untimed": [...],
+                "layer_info": {layer: {"kind", "weight", "bias", "groups", "input_shapes"}}, "dense_ms",
+                "patterns": {"channel": {"density": [1.0, 0.875, ...], "kept": [64, 56, ...],
+                                         "median_ms": [...], "p10_ms": [...], "p90_ms": [...]},
+                             "simd:8": {...}}}],
+     "interactions": [{"layer", "out_unit", "in_unit", "slope_ms", "dense_ms", "ref_density", "out_ms",
+                       "in_ms"}],           # layers shrunk by two units (see edgec.latency.profile)
+     "units_dense_sum_ms": Σ unit dense,
+     "remainder_ms": dense − Σ unit dense,      # everything outside the units (may be < 0, see profile.py)
+     "run_overhead_ms": one session.run of a trivial graph,
+     "edgec_version": "0.1.0"}
+
+``density`` per pattern is the density actually timed, descending: for "channel" ``kept / width`` after
+rounding (``kept`` = units kept); for "simd:N" kept vectors / all vectors of the unit's eligible producers
+(``kept`` = vectors kept). Points that round to the same configuration are timed once. Every pattern starts
+with the shared dense point 1.0.
+
+Matching a table to a model (``load_table``, ``--table`` from the target device):
+
+* must match (else refused): ``arch``, ``config_digest`` and the inputs (names, shapes, dtypes) — the
+  table describes another network or another input size otherwise; and every unit's layers must exist;
+* may differ, with a warning recorded in ``load_warnings``: ``runtime``, ``runtime_version``, ``provider``,
+  ``threads``, ``cpu``, ``machine``, ``cores`` — a table measured on the deployment device is applied on
+  a CI machine on purpose. ``strict=True`` refuses these too.
+
+The cache (``cached``) reuses a table only when the key (this machine's) and the request (units, grid,
+patterns) are identical; files live in ``$EDGEC_CACHE/latency`` (else ``./.cache/edgec/latency``), named
+``<arch>-<digest of key and request>.json``, written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from edgec.errors import EdgecError
+
+FORMAT = "edgec.latency-table/1"
+MUST_MATCH = ("arch", "config_digest", "inputs")
+MAY_DIFFER = ("runtime", "runtime_version", "provider", "threads", "cpu", "machine", "cores")
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def normalise_densities(densities) -> list[float]:
+    """Distinct densities in (0, 1], descending, 1.0 always included."""
+    try:
+        values = sorted({float(d) for d in densities} | {1.0}, reverse=True)
+    except (TypeError, ValueError):
+        raise EdgecError(f"densities must be numbers in (0, 1], got {densities!r}") from None
+    bad = [d for d in values if not (0.0 < d <= 1.0) or math.isnan(d)]
+    if bad:
+        raise EdgecError(f"densities must be in (0, 1], got {bad}")
+    return values
+
+
+def normalise_patterns(patterns) -> list[str]:
+    from edgec.latency.simd import parse_pattern, pattern_name
+
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    out = []
+    for p in patterns:
+        name = pattern_name(*parse_pattern(p))
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise EdgecError("no pruning pattern given (use 'channel' and/or 'simd:N')")
+    return out
+
+
+def config_digest(model) -> str:
+    """sha256 of what fixes the network's shapes: arch, config and the structural pass log (not the weights)."""
+    return hashlib.sha256(_canonical({"arch": model.arch, "config": model.config,
+                                      "passes": model.passes}).encode()).hexdigest()
+
+
+def inputs_json(spec, shapes: dict) -> list[dict]:
+    out = []
+    for t in spec.inputs:
+        entry = {"name": t.name, "shape": [int(d) for d in shapes[t.name]], "dtype": t.dtype}
+        if t.dtype == "int64":
+            entry.update({"high": t.high, "ones": bool(t.ones)})
+        out.append(entry)
+    return out
+
+
+def table_key(model, threads: int, shapes: dict) -> dict:
+    """The key of a table for ``model`` at ``shapes`` on this machine with ``threads``."""
+    from edgec.latency.measure import machine_key
+
+    key = {k: v for k, v in machine_key(threads).items() if k != "usable_cores"}
+    key.update({"arch": model.arch, "config_digest": config_digest(model),
+                "inputs": [{k: e[k] for k in ("name", "shape", "dtype")} for e in inputs_json(model.spec, shapes)]})
+    return key
+
+
+def table_request(units, densities, patterns) -> dict:
+    from edgec.latency.profile import as_unit
+
+    return {"units": [as_unit(u).to_json() for u in units], "densities": normalise_densities(densities),
+            "patterns": normalise_patterns(patterns)}
+
+
+def make_table(*, key: dict, request: dict, model, units: list, dense: dict, units_sum: float, overhead: float,
+               inputs: list, protocol: dict, interactions: list | None = None) -> dict:
+    from edgec import __version__
+    from edgec.latency.measure import machine_key
+
+    return {
+        "format": FORMAT,
+        "key": key,
+        "request": request,
+        "model": {"arch": model.arch, "config": model.config, "digest": model.digest()},
+        "inputs": inputs,
+        "protocol": protocol,
+        "machine_info": {"usable_cores": machine_key(key.get("threads", 1))["usable_cores"]},
+        "densities": list(request["densities"]),
+        "dense": dense,
+        "units": units,
+        "interactions": list(interactions or []),
+        "units_dense_sum_ms": float(units_sum),
+        "remainder_ms": float(dense["median_ms"] - units_sum),
+        "run_overhead_ms": float(overhead),
+        "edgec_version": __version__,
+    }
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+def dumps(table: dict) -> str:
+    """Deterministic JSON (sorted keys); entries whose key starts with '_' (run-time info) are left out."""
+    clean = {k: v for k, v in table.items() if not k.startswith("_") and k != "load_warnings"}
+    return json.dumps(clean, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+def save_table(table: dict, path: str | Path) -> Path:
+    from edgec.checkpoint import atomic_write
+
+    path = Path(path)
+    if path.is_dir():
+        raise EdgecError(f"output {path} is a directory; give a file name")
+    atomic_write(path, dumps(table).encode())
+    return path
+
+
+def validate(table, where: str = "latency table") -> dict:
+    """Structural check of a table dict (a damaged or foreign file becomes a one-line error)."""
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        found = table.get("format") if isinstance(table, dict) else type(table).__name__
+        raise EdgecError(f"{where} is not an edgec latency table (format {found!r}, expected {FORMAT})")
+    try:
+        key = table["key"]
+        for field in MUST_MATCH + MAY_DIFFER:
+            key[field]
+        float(table["remainder_ms"])
+        float(table["dense"]["median_ms"])
+        names = set()
+        for unit in table["units"]:
+            name = unit["name"]
+            if name in names:
+                raise EdgecError(f"{where}: unit '{name}' appears twice")
+            names.add(name)
+            if not unit["patterns"]:
+                raise EdgecError(f"{where}: unit '{name}' has no measurements")
+            for pattern, curve in unit["patterns"].items():
+                xs, ys = curve["density"], curve["median_ms"]
+                if not xs or len(xs) != len(ys) or len(set(xs)) != len(xs):
+                    raise EdgecError(f"{where}: unit '{name}' pattern {pattern}: densities and times do not pair up")
+                if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in list(xs) + list(ys)):
+                    raise EdgecError(f"{where}: unit '{name}' pattern {pattern}: non-numeric entries")
+        for inter in table.get("interactions", []):
+            if inter["out_unit"] not in names or inter["in_unit"] not in names or not math.isfinite(inter["slope_ms"]):
+                raise EdgecError(f"{where}: interaction at layer {inter.get('layer')!r} names unknown units")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EdgecError(f"{where} is damaged (missing or bad field {exc})") from None
+    return table
+
+
+def read_table(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgecError(f"no such latency table: {path}")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgecError(f"{path} is not a readable JSON latency table ({str(exc).splitlines()[0][:200]})") from None
+    return validate(table, str(path))
+
+
+def check_table(table: dict, model=None, threads: int | None = None, shapes=None, batch: int | None = None,
+                strict: bool = False, machine: dict | None = None) -> list[str]:
+    """Check ``table`` against ``model`` (and requested ``shapes``/``batch``/``threads``) and this machine.
+
+    Refuses (EdgecError) a table of another architecture/config, other input shapes (only checked against
+    the request when ``shapes`` or ``batch`` is given; always checked against the model's input names and
+    axis bounds), or units naming layers the model lacks. Returns warnings for runtime/CPU/thread differences
+    (an error instead with ``strict``). ``machine``: this machine's key (default ``machine_key``).
+    """
+    from edgec.latency.measure import machine_key
+    from edgec.latency.profile import resolve_shapes
+
+    key = table["key"]
+    errors, warnings = [], []
+    if model is not None:
+        if key["arch"] != model.arch:
+            errors.append(f"it was measured for a '{key['arch']}' model, this is '{model.arch}'")
+        elif key["config_digest"] != config_digest(model):
+            errors.append("it was measured for another configuration of this architecture (config or structural "
+                          "passes differ)")
+        names = [t.name for t in model.spec.inputs]
+        table_shapes = {e["name"]: tuple(e["shape"]) for e in key["inputs"]}
+        if list(table_shapes) != names:
+            errors.append(f"its inputs {list(table_shapes)} are not the model's {names}")
+        elif not errors:
+            try:
+                resolve_shapes(model.spec, table_shapes)
+            except EdgecError as exc:
+                errors.append(f"its input shapes do not fit the model ({exc})")
+            if shapes is not None or batch is not None:
+                want = resolve_shapes(model.spec, shapes, batch)
+                if want != table_shapes:
+                    errors.append(f"it was measured at input shapes {_fmt_shapes(table_shapes)}, "
+                                  f"requested {_fmt_shapes(want)}")
+        if not errors:
+            modules = set(dict(model.gm.named_modules()))
+            for unit in table["units"]:
+                members = [*unit.get("layers", []), *unit.get("consumers", []), *unit.get("per_channel", [])]
+                missing = [n for n in members if n not in modules]
+                if missing:
+                    errors.append(f"unit '{unit['name']}' names layers the model lacks: {', '.join(missing)}")
+                    break
+    if errors:
+        raise EdgecError("latency table does not fit: " + "; ".join(errors))
+    here = dict(machine or machine_key(threads if threads is not None else key["threads"]))
+    if threads is not None:
+        here["threads"] = int(threads)
+    diffs = [f"{f} {key.get(f)!r} (here {here.get(f)!r})" for f in MAY_DIFFER if key.get(f) != here.get(f)]
+    if diffs:
+        msg = "latency table was measured elsewhere: " + "; ".join(diffs)
+        if strict:
+            raise EdgecError(msg + " (strict: refusing)")
+        warnings.append(msg)
+    return warnings
+
+
+def _fmt_shapes(shapes: dict) -> str:
+    return ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
+
+
+def load_table(path: str | Path, model=None, threads: int | None = None, shapes=None, batch: int | None = None,
+               strict: bool = False) -> dict:
+    """Read a table (e.g. measured on the target device, ``--table``) and check it (:func:`check_table`).
+    The returned dict carries ``load_warnings`` (a list of one-line messages, empty when all matched)."""
+    table = read_table(path)
+    table["load_warnings"] = check_table(table, model, threads=threads, shapes=shapes, batch=batch, strict=strict)
+    return table
+
+
+# --- cache ------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEC_CACHE")
+    return Path(root) / "latency" if root else Path.cwd() / ".cache" / "edgec" / "latency"
+
+
+def cache_path(key: dict, request: dict, folder: str | Path | None = None) -> Path:
+    digest = hashlib.sha256(_canonical({"key": key, "request": request}).encode()).hexdigest()[:20]
+    arch = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key.get("arch", "model")))[:40]
+    return (Path(folder) if folder is not None else cache_dir()) / f"{arch}-{digest}.json"
+
+
+def cached(model, threads: int = 1, shapes=None, *, batch: int = 1, units=None, densities=None, patterns=None,
+           refresh: bool = False, folder: str | Path | None = None, progress=None, **profile_options) -> dict:
+    """The latency table for ``model`` at ``shapes``/``batch`` with ``threads`` on this machine: read from the
+    cache when one with the identical key and request exists (``_cache.hit``), else profiled
+    (:func:`edgec.latency.profile.profile`, ``profile_options`` passed on) and stored atomically.
+    The returned dict has ``_cache = {"hit": bool, "path": str}`` (not written to files)."""
+    from edgec.latency import profile as profile_mod
+
+    densities = profile_mod.DEFAULT_DENSITIES if densities is None else densities
+    patterns = profile_mod.DEFAULT_PATTERNS if patterns is None else patterns
+    shapes = profile_mod.resolve_shapes(model.spec, shapes, batch)
+    layers = profile_mod.trace_layers(model, shapes)
+    units = profile_mod.resolve_units(model, units, shapes, layers)
+    key = table_key(model, threads, shapes)
+    request = table_request(units, densities, patterns)
+    path = cache_path(key, request, folder)
+    if not refresh and path.is_file():
+        try:
+            table = read_table(path)
+            if table["key"] == key and table["request"] == request:
+                table["_cache"] = {"hit": True, "path": str(path)}
+                return table
+        except EdgecError:
+            pass  # a damaged cache entry is measured again and overwritten
+    table = profile_mod.profile(model, units=units, densities=densities, threads=threads, shapes=shapes,
+                                patterns=patterns, progress=progress, **profile_options)
+    save_table(table, path)
+    table["_cache"] = {"hit": False, "path": str(path)}
+    return table
+
+
+# --- reading a table for people -----------------------------------------------------------------------
+
+def summary_rows(table: dict, pattern: str = "channel") -> list[dict]:
+    """One row per unit: width, dense ms, ms at the lowest density of ``pattern`` (when measured), share of
+    the dense model, and each other pattern's lowest-density ms. For ``edgec profile`` output."""
+    total = float(table["dense"]["median_ms"]) or 1.0
+    rows = []
+    for unit in table["units"]:
+        row = {"name": unit["name"], "kind": unit.get("kind", ""), "width": unit.get("width"),
+               "dense_ms": unit.get("dense_ms", unit["patterns"][next(iter(unit["patterns"]))]["median_ms"][0])}
+        row["share"] = row["dense_ms"] / total
+        for p, curve in unit["patterns"].items():
+            row[f"{p}@{curve['density'][-1]:g}_ms"] = curve["median_ms"][-1]
+        rows.append(row)
+    return rows
+
+
+def plot_table(table: dict, path: str | Path, patterns=None) -> Path:
+    """Per-unit latency bars (dense and lowest density per pattern) plus the remainder, as a PNG.
+    Needs matplotlib (the plotting extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgecError("plotting needs matplotlib: pip install 'edgec[plot]' (or pip install matplotlib)") from None
+    import numpy as np
+
+    units = table["units"]
+    patterns = list(patterns or sorted({p for u in units for p in u["patterns"]}, key=lambda p: p != "channel"))
+    names = [u["name"] for u in units] + ["(remainder)"]
+    y = np.arange(len(names))
+    height = 0.8 / (1 + len(patterns))
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.28 * len(names) + 1.5)))
+    dense = [u.get("dense_ms", 0.0) for u in units] + [table["remainder_ms"]]
+    ax.barh(y, dense, height, label="dense")
+    for i, p in enumerate(patterns):
+        vals, label = [], None
+        for u in units:
+            curve = u["patterns"].get(p)
+            vals.append(curve["median_ms"][-1] if curve else 0.0)
+            if curve and label is None:
+                label = f"{p} @ {curve['density'][-1]:g}"
+        ax.barh(y + (i + 1) * height, vals + [0.0], height, label=label or p)
+    ax.set_yticks(y + 0.4 - height / 2, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("median latency (ms)")
+    key = table["key"]
+    ax.set_title(f"{key['arch']} · onnxruntime {key['runtime_version']} · {key['threads']} thread(s) · "
+                 f"dense {table['dense']['median_ms']:.3f} ms", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,180 @@
+"""``prune.channels``: physically remove channels / hidden units / attention heads (structural pass).
+
+Which rows and columns go together comes from the coupled-channel analysis (:mod:`edgec.prune.groups`):
+each group lists its producers (output rows sliced, with their bias), consumers (input columns sliced),
+per-channel layers (BatchNorm weight/bias/running stats, depthwise convs: their channels follow) and the
+``view``/``reshape`` size literals that count its units (attention head counts; ``H·dh`` widths).
+The pass builds new, smaller ``nn.Linear`` / ``nn.Conv*`` / ``nn.BatchNorm*`` / ``nn.Embedding`` modules at the
+same qualified names, rewrites the literals in the graph and recompiles it.
+
+**Parameters.** ``keep = {group name: [sorted kept unit indices]}``. Indices, not counts, so replaying the
+record on freshly initialised weights (checkpoint load) reproduces exactly the same structure; groups that are
+not named keep every unit. :meth:`PruneChannels.from_counts` (``{group: number to keep}``) and
+:meth:`PruneChannels.from_fraction` choose the indices by importance (L2 norm of the producer rows summed
+over coupled producers) and return a pass with explicit indices. Asking to remove units of an unprunable group
+is an :class:`~edgec.errors.EdgecError` naming the node that blocks it; at least one unit of a group is kept.
+
+**Check.** Pruning changes the function, so the pass cannot verify equivalence with its input. It verifies the
+strongest property that holds instead: the pruned model equals its input with the removed units *zeroed*
+(producer rows and biases, BatchNorm γ/β, depthwise kernels; :func:`edgec.prune.groups.zero_channels`), at
+the traced and alternative shapes (relative error ≤ 1e-5). This holds when every pruned group is
+``zero_exact`` (the ops between producer and consumer map 0 to 0); otherwise the check is recorded as skipped
+with the groups that prevented it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from edgec.errors import EdgecError
+from edgec.graph import Model, set_submodule, verify_equivalent
+from edgec.manager import Pass, PassResult
+from edgec.prune.groups import analyse, keep_from_counts, resolve_keep, zero_channels
+
+TOLERANCE = 1e-5
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=like.requires_grad)
+
+
+def _slice_module(m: nn.Module, target: str, cuts: dict[str, list[int]]) -> nn.Module:
+    """A copy of ``m`` keeping output rows ``cuts['out']``, input columns ``cuts['in']``, per-channel entries
+    ``cuts['channel']`` or embedding columns ``cuts['embedding']`` (each optional)."""
+    new = copy.deepcopy(m)
+    out, inp, chan, emb = (cuts.get(k) for k in ("out", "in", "channel", "embedding"))
+    with torch.no_grad():
+        if isinstance(m, nn.Embedding):
+            idx = torch.tensor(emb, dtype=torch.long)
+            new.weight = _param(m.weight[:, idx], m.weight)
+            new.embedding_dim = len(emb)
+        elif isinstance(m, nn.Linear):
+            w, b = m.weight, m.bias
+            if out is not None:
+                idx = torch.tensor(out, dtype=torch.long)
+                w, b = w[idx], (b[idx] if b is not None else None)
+                new.out_features = len(out)
+            if inp is not None:
+                w = w[:, torch.tensor(inp, dtype=torch.long)]
+                new.in_features = len(inp)
+            new.weight = _param(w, m.weight)
+            if b is not None:
+                new.bias = _param(b, m.bias)
+        elif isinstance(m, _CONV):
+            w, b = m.weight, m.bias
+            if chan is not None:  # depthwise: in = out = groups
+                idx = torch.tensor(chan, dtype=torch.long)
+                w, b = w[idx], (b[idx] if b is not None else None)
+                new.in_channels = new.out_channels = new.groups = len(chan)
+            if out is not None:
+                idx = torch.tensor(out, dtype=torch.long)
+                w, b = w[idx], (b[idx] if b is not None else None)
+                new.out_channels = len(out)
+            if inp is not None:
+                w = w[:, torch.tensor(inp, dtype=torch.long)]
+                new.in_channels = len(inp)
+            new.weight = _param(w, m.weight)
+            if b is not None:
+                new.bias = _param(b, m.bias)
+        elif isinstance(m, _BN):
+            idx = torch.tensor(chan, dtype=torch.long)
+            new.num_features = len(chan)
+            if m.affine:
+                new.weight = _param(m.weight[idx], m.weight)
+                new.bias = _param(m.bias[idx], m.bias)
+            if m.running_mean is not None:
+                new.running_mean = m.running_mean[idx].clone()
+                new.running_var = m.running_var[idx].clone()
+        else:
+            raise EdgecError(f"prune.channels: do not know how to slice '{target}' ({type(m).__name__})")
+    return new
+
+
+def _set_literal(node, arg: tuple, value: int) -> None:
+    args = list(node.args)
+    if len(arg) == 1:
+        args[arg[0]] = value
+    else:
+        seq = list(args[arg[0]])
+        seq[arg[1]] = value
+        args[arg[0]] = type(node.args[arg[0]])(seq)
+    node.args = tuple(args)
+
+
+def apply_keep(model: Model, keep: dict) -> dict:
+    """Slice ``model`` in place to ``keep`` (validated); return ``{group: [size before, size after]}`` for the
+    groups that lose units."""
+    analysis = analyse(model)
+    keep_idx = resolve_keep(analysis, keep)
+    gm = model.gm
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cuts: dict[str, dict[str, list[int]]] = {}
+    for s in analysis.slots:
+        kept = s.kept_positions(keep_idx)
+        if len(kept) == len(s.ids):
+            continue  # untouched: modules that lose nothing are left as they are
+        if s.kind == "reshape":
+            _set_literal(nodes[s.target], s.arg, len(kept))
+        else:
+            cuts.setdefault(s.target, {})[s.kind] = kept
+    for target, c in cuts.items():
+        m = modules[target]
+        set_submodule(gm, target, _slice_module(m, target, c).train(m.training))
+    gm.graph.lint()
+    gm.recompile()
+    return {g.name: [g.size, len(keep_idx[g.index])] for g in analysis.groups if g.index in keep_idx}
+
+
+class PruneChannels(Pass):
+    """Remove the units not listed in ``keep`` ({group name: sorted kept indices}) from every coupled layer."""
+
+    name = "prune.channels"
+    version = 1
+    structural = True
+
+    def __init__(self, keep: dict | None = None, **params):
+        if params:
+            raise EdgecError(f"prune.channels: unknown parameter(s) {', '.join(sorted(params))}; expected 'keep'")
+        keep = {str(k): [int(i) for i in v] for k, v in (keep or {}).items()}
+        super().__init__(keep=keep)
+
+    @classmethod
+    def from_counts(cls, model: Model, counts: dict[str, int]) -> "PruneChannels":
+        """Keep the ``counts[group]`` most important units of each named group (importance: L2 norm of the
+        producer rows, summed over coupled producers)."""
+        return cls(keep=keep_from_counts(model, counts))
+
+    @classmethod
+    def from_fraction(cls, model: Model, fraction: float, groups: list[str] | None = None) -> "PruneChannels":
+        """Keep ``round(fraction · size)`` (at least 1) of every prunable group (or of the named ``groups``)."""
+        if not 0 < fraction <= 1:
+            raise EdgecError(f"fraction must be in (0, 1], got {fraction}")
+        analysis = analyse(model)
+        chosen = [analysis.group(n) for n in groups] if groups is not None else analysis.prunable
+        counts = {g.name: max(1, round(fraction * g.size)) for g in chosen}
+        return cls(keep=keep_from_counts(model, counts, analysis))
+
+    def call(self, model: Model, *, replay: bool = False) -> PassResult:
+        keep = self.params["keep"]
+        before = None if replay else model.clone()
+        changed = apply_keep(model, keep)
+        removed = sum(b - a for b, a in changed.values())
+        if replay:
+            return PassResult(model, modified=bool(removed))
+        checks = {"groups": {name: {"size": b, "kept": a} for name, (b, a) in changed.items()}}
+        analysis = analyse(before)
+        not_exact = [name for name in changed if not analysis.group(name).zero_exact]
+        if not_exact:
+            checks["mask_equivalence"] = {"skipped": True, "groups": not_exact,
+                                          "note": "zeroed units are not zero at every consumer in these groups"}
+        else:
+            masked = zero_channels(before, keep, analysis)
+            checks["mask_equivalence"] = verify_equivalent(masked, model, TOLERANCE)
+        summary = (f"removed {removed} unit(s) from {len(changed)} channel group(s)" if removed
+                   else "nothing to remove: every group keeps all its units")
+        return PassResult(model, modified=bool(removed), checks=checks, summary=summary)
