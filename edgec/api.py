@@ -195,6 +195,40 @@ def evaluate(input_path: str | Path, data: str, split: str | None = "test", thre
                     latency=not no_latency, arch=arch, n_mels=n_mels, frames=frames, progress=progress)
 
 
+def profile(input_path: str | Path, output: str | Path | None = None, threads: int = 1,
+            input_shape: list[str] | None = None, batch: int = 1, table: str | Path | None = None,
+            plot: str | Path | None = None, patterns: list[str] | None = None, units: str = "groups",
+            refresh: bool = False, arch: str | None = None, progress=None) -> dict:
+    """Latency table for pruning: every prunable group timed in onnxruntime at a grid of densities, plus the
+    dense model (see edgec.latency). A cached table with the same key is reused; ``table`` loads one
+    measured on the target device instead (key checked)."""
+    from edgec.checkpoint import atomic_write
+    from edgec.graph import canonical_json
+    from edgec.latency import profile as prof
+    from edgec.latency import table as tbl
+
+    input_shape = [input_shape] if isinstance(input_shape, str) else input_shape
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    model = load(input_path, arch)
+    out = _out_path(input_path, output, ".latency.json")
+    shapes = prof.parse_input_shapes(model.spec, input_shape) if input_shape else None
+    if table:
+        result = tbl.load_table(table, model, threads=threads, shapes=shapes)
+        result["_cache"] = {"hit": False, "path": Path(table).name}
+    else:
+        result = tbl.cached(model, threads, shapes, batch=batch, units=units, patterns=patterns,
+                            refresh=refresh, progress=progress)
+    cache = result.pop("_cache", {})
+    warnings = result.pop("load_warnings", [])
+    atomic_write(out, (canonical_json(result) + "\n").encode())
+    if plot:
+        tbl.plot_table(result, plot)
+    return {"input": str(input_path), "output": str(out), "key": result["key"], "dense_ms": result["dense"]["median_ms"],
+            "remainder_ms": result.get("remainder_ms"), "units": tbl.summary_rows(result),
+            "patterns": result["request"]["patterns"], "densities": result["densities"],
+            "cache_hit": bool(cache.get("hit")), "warnings": warnings, "plot": str(plot) if plot else None}
+
+
 def inspect(path: str | Path, arch: str | None = None) -> dict:
     from edgec.inspect import inspect_file
 

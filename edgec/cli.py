@@ -342,6 +342,33 @@ def eval_(
     r.console.print(r.eval_table(res))
 
 
+@app.command("profile")
+def profile(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to profile.")],
+    output: OutOpt = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (part of the table key).")] = 1,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x200x40 (repeatable) or "
+                           "1,200,40 for a single-input model; default: the spec's traced shape at --batch.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size when --input-shape is not given.")] = 1,
+    pattern: Annotated[Optional[list[str]], typer.Option("--pattern", help="channel and/or simd:N (repeatable).")] = None,
+    table: Annotated[Optional[Path], typer.Option("--table", help="Use a table measured on the target device.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write per-unit latency bars to this PNG.")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Measure again even if a cached table matches.")] = False,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Measure per-group latency over a density grid in onnxruntime (cached by runtime, threads, CPU, shape)."""
+    from edgec import api
+
+    with r.spinner("profiling", not as_json) as update:
+        res = api.profile(model, output, threads=threads, input_shape=input_shape, batch=batch, table=table,
+                          plot=plot, patterns=pattern or None, refresh=refresh, arch=arch,
+                          progress=update)
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.profile_table(res))
+
+
 @app.command("inspect")
 def inspect(
     file: Annotated[Path, typer.Argument(help="A .pt checkpoint or an .onnx file.")],

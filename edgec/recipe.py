@@ -48,7 +48,7 @@ STEPS: dict[str, StepDef] = {
                                ("activations", "latent_weight", "include", "exclude", "keep_first_last", "arch"),
                                ("input",), ("output",), {"input": "input_path"}),
     "fold": StepDef("fold", ("input",), ("output", "arch"), ("input",), ("output",), {"input": "input_path"}),
-    "export": StepDef("export", ("input",), ("output", "opset", "arch"), ("input",), ("output",),
+    "export": StepDef("export", ("input",), ("output", "opset", "arch", "weights", "forms"), ("input",), ("output",),
                       {"input": "input_path"}),
     "finetune": StepDef("finetune", ("input", "data", "output"),
                         ("epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed", "teacher",
@@ -59,6 +59,9 @@ STEPS: dict[str, StepDef] = {
     "eval": StepDef("evaluate", ("input", "data"), ("split", "threads", "latency_batch", "no_latency", "arch", "n_mels",
                                                      "frames"), ("input", "data"), (),
                     {"input": "input_path"}),
+    "profile": StepDef("profile", ("input",), ("output", "threads", "input_shape", "batch", "table", "plot",
+                                               "patterns", "refresh", "arch"),
+                       ("input", "table"), ("output", "plot"), {"input": "input_path"}),
     "inspect": StepDef("inspect", ("input",), ("arch",), ("input",), (), {"input": "path"}),
 }
 
@@ -67,13 +70,13 @@ STEPS: dict[str, StepDef] = {
 _STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
 PARAM_TYPES: dict[str, tuple] = {
     **dict.fromkeys(("name", "output", "input", "folder", "data", "teacher", "arch", "init", "split", "device",
-                     "resume_file", "method", "activations", "weights", "distill"), _STR),
+                     "resume_file", "method", "activations", "weights", "distill", "table", "plot", "forms"), _STR),
     **dict.fromkeys(("seed", "expand", "opset", "epochs", "batch_size", "threads", "latency_batch", "n_mels",
                      "frames", "group_size"), _INT),
     **dict.fromkeys(("lr", "weight_decay", "warmup", "grad_clip", "kd_weight", "kd_temperature", "val_fraction",
                      "off_weight"), _NUM),
-    **dict.fromkeys(("resume", "keep_resume", "no_latency", "keep_first_last"), _BOOL),
-    **dict.fromkeys(("include", "exclude", "off_layers"), (str, list)),
+    **dict.fromkeys(("resume", "keep_resume", "no_latency", "keep_first_last", "refresh"), _BOOL),
+    **dict.fromkeys(("include", "exclude", "off_layers", "input_shape", "patterns"), (str, list)),
     "set": (dict,),
     **dict.fromkeys(("latent_weight", "binary_weights"), (str, list)),
 }

@@ -202,3 +202,20 @@ def finetune_table(res: dict) -> Table:
              ("time", f"{res['seconds']:.1f} s"), ("params", human_count(res["params"]))]
     rows += [("note", n) for n in res.get("notes") or []]
     return kv_table("finetune", rows)
+
+
+def profile_table(res: dict) -> Table:
+    key = res["key"]
+    shape = "; ".join(f"{i['name']} {i['shape']}" for i in key["inputs"])
+    title = (f"latency table {res['output']} ({'cached' if res['cache_hit'] else 'measured'}): "
+             f"{key['runtime']} {key['runtime_version']}, {key['threads']} thread(s), {key['cpu']}, {shape}")
+    lowest = min(res["densities"])
+    cols = ["unit", "kind", "width", "dense ms", "share"] + [f"{p} @{lowest:g} ms" for p in res["patterns"]]
+    rows = [[u["name"], u["kind"], u["width"], f"{u['dense_ms']:.4f}", f"{u['share']:.1%}"] +
+            [f"{u[f'{p}@{lowest:g}_ms']:.4f}" if f"{p}@{lowest:g}_ms" in u else "-" for p in res["patterns"]]
+            for u in res["units"]]
+    rows.append(["whole model (dense)", "", "", f"{res['dense_ms']:.4f}", "100%"] + [""] * len(res["patterns"]))
+    table = rows_table(title, cols, rows)
+    for w in res.get("warnings") or []:
+        table.caption = (table.caption or "") + f"warning: {w}\n"
+    return table
