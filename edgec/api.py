@@ -229,6 +229,22 @@ def profile(input_path: str | Path, output: str | Path | None = None, threads: i
             "cache_hit": bool(cache.get("hit")), "warnings": warnings, "plot": str(plot) if plot else None}
 
 
+def prune(input_path: str | Path, output: str | Path | None = None, **options) -> dict:
+    """ALCS pruning under a latency budget, measured in onnxruntime (see edgec.prune.run.prune_file).
+    Exit codes: 4 infeasible budget (refused before any work), 5 budget missed after the retries."""
+    from edgec.prune.run import prune_file
+
+    out = _out_path(input_path, output, ".pruned.pt")
+    options = {k: v for k, v in options.items() if v is not None}
+    data_options = {k: options.pop(k) for k in ("n_mels", "frames", "val_fraction") if k in options}
+    if isinstance(options.get("input_shape"), str):
+        options["input_shape"] = [options["input_shape"]]
+    if data_options:
+        options["data_options"] = data_options
+    check_output(out, input_path, options.get("data"), options.get("table"))
+    return prune_file(input_path, out, **options)
+
+
 def inspect(path: str | Path, arch: str | None = None) -> dict:
     from edgec.inspect import inspect_file
 

@@ -369,6 +369,50 @@ def profile(
     r.console.print(r.profile_table(res))
 
 
+@app.command("prune")
+def prune(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
+    output: OutOpt = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="Budget: median ORT latency in ms.")] = None,
+    latency_ratio: Annotated[Optional[float], typer.Option("--latency-ratio", help="Budget as a fraction of the dense "
+                             "model's measured latency (e.g. 0.6).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Training data: ADMM + fine-tune (without: one-shot "
+                    "importance pruning, lower quality).")] = None,
+    table: Annotated[Optional[Path], typer.Option("--table", help="Latency table measured on the target device.")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="channel | simd:N (ALCS 1×N vectors; used only where the "
+                       "table measures it faster).")] = "channel",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for the budget.")] = 1,
+    batch: Annotated[int, typer.Option(help="Batch size the budget applies to.")] = 1,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x200x40 (as edgec profile).")] = None,
+    admm_epochs: Annotated[int, typer.Option("--admm-epochs", help="ADMM rounds (with --data).")] = 3,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune epochs after the hard mask.")] = 3,
+    rho: Annotated[float, typer.Option(help="ADMM penalty ρ.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate for ADMM and fine-tuning.")] = 1e-3,
+    min_density: Annotated[Optional[float], typer.Option("--min-density", help="Keep at least this fraction of every group.")] = None,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="Tighten and retry when the measured latency misses.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    n_mels: Annotated[Optional[int], typer.Option("--n-mels")] = None,
+    frames: Annotated[Optional[int], typer.Option("--frames")] = None,
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Prune to a latency budget: per-group densities from measured latency tables, ADMM, physical shrink,
+    fine-tune, then export and measure for real. Exit 4: budget below the reachable minimum; 5: missed."""
+    from edgec import api
+
+    if (latency_ms is None) == (latency_ratio is None):
+        raise EdgecError("give exactly one of --latency-ms and --latency-ratio")
+    with r.spinner("pruning", not as_json) as update:
+        res = api.prune(model, output, latency_ms=latency_ms, latency_ratio=latency_ratio, data=data, table=table,
+                        pattern=pattern, threads=threads, batch=batch, input_shape=input_shape or None,
+                        admm_epochs=admm_epochs, finetune_epochs=finetune_epochs, rho=rho, lr=lr,
+                        min_density=min_density, max_retries=max_retries, seed=seed, n_mels=n_mels, frames=frames,
+                        arch=arch, progress=update)
+    if as_json:
+        return r.print_json(res)
+    r.console.print(r.prune_table(res))
+
+
 @app.command("inspect")
 def inspect(
     file: Annotated[Path, typer.Argument(help="A .pt checkpoint or an .onnx file.")],

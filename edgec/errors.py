@@ -1,6 +1,7 @@
 """Errors that reach the user as one line and an exit code, never a traceback."""
 
-# Exit codes (documented in the README): 0 ok, 1 a check failed, 2 bad input, 3 internal error.
+# Exit codes (documented in the README): 0 ok, 1 a check failed, 2 bad input, 3 internal error,
+# 4 infeasible latency budget, 5 latency budget missed after retries (edgec.prune), 130 interrupted.
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -62,6 +62,10 @@ STEPS: dict[str, StepDef] = {
     "profile": StepDef("profile", ("input",), ("output", "threads", "input_shape", "batch", "table", "plot",
                                                "patterns", "refresh", "arch"),
                        ("input", "table"), ("output", "plot"), {"input": "input_path"}),
+    "prune": StepDef("prune", ("input", "output"),
+                     ("latency_ms", "latency_ratio", "data", "table", "pattern", "threads", "batch", "input_shape",
+                      "admm_epochs", "finetune_epochs", "rho", "lr", "min_density", "max_retries", "seed", "n_mels",
+                      "frames", "arch"), ("input", "data", "table"), ("output",), {"input": "input_path"}),
     "inspect": StepDef("inspect", ("input",), ("arch",), ("input",), (), {"input": "path"}),
 }
 
@@ -70,11 +74,12 @@ STEPS: dict[str, StepDef] = {
 _STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
 PARAM_TYPES: dict[str, tuple] = {
     **dict.fromkeys(("name", "output", "input", "folder", "data", "teacher", "arch", "init", "split", "device",
-                     "resume_file", "method", "activations", "weights", "distill", "table", "plot", "forms"), _STR),
+                     "resume_file", "method", "activations", "weights", "distill", "table", "plot", "forms",
+                     "pattern"), _STR),
     **dict.fromkeys(("seed", "expand", "opset", "epochs", "batch_size", "threads", "latency_batch", "n_mels",
-                     "frames", "group_size"), _INT),
+                     "frames", "group_size", "admm_epochs", "finetune_epochs", "max_retries", "batch"), _INT),
     **dict.fromkeys(("lr", "weight_decay", "warmup", "grad_clip", "kd_weight", "kd_temperature", "val_fraction",
-                     "off_weight"), _NUM),
+                     "off_weight", "latency_ms", "latency_ratio", "rho", "margin", "min_density"), _NUM),
     **dict.fromkeys(("resume", "keep_resume", "no_latency", "keep_first_last", "refresh"), _BOOL),
     **dict.fromkeys(("include", "exclude", "off_layers", "input_shape", "patterns"), (str, list)),
     "set": (dict,),
@@ -248,6 +253,11 @@ def step_details(run: str, res: dict) -> str:
         return metrics + (f", {lat['median_ms']:.2f} ms (batch {lat['batch']})" if lat else "")
     if run == "inspect":
         return f"{len(res['provenance'])} provenance record(s), {human_count(res['params'])} params"
+    if run == "prune":
+        return (f"budget {res['budget_ms']:.3f} ms: measured {res['measured_ms']:.3f} ms (estimated "
+                f"{res['estimated_ms']:.3f}), {res['speedup']:.2f}× vs dense, {res['mode']}")
+    if run == "profile":
+        return f"{len(res['units'])} groups, dense {res['dense_ms']:.3f} ms" + (" (cached)" if res["cache_hit"] else "")
     return ""
 
 

@@ -219,3 +219,17 @@ def profile_table(res: dict) -> Table:
     for w in res.get("warnings") or []:
         table.caption = (table.caption or "") + f"warning: {w}\n"
     return table
+
+
+def prune_table(res: dict) -> Table:
+    rows = [("output", res["output"]), ("mode", res["mode"]), ("pattern", f"{res['pattern']} → {res['pattern_chosen']}"),
+            ("budget", f"{res['budget_ms']:.3f} ms"), ("dense (measured)", f"{res['dense_ms']:.3f} ms"),
+            ("estimated", f"{res['estimated_ms']:.3f} ms (latency-model error {res['model_error']:+.1%})"),
+            ("measured", f"{res['measured_ms']:.3f} ms — speedup {res['speedup']:.2f}×"),
+            ("params", f"{human_count(res['params_before'])} → {human_count(res['params_after'])}"),
+            ("FLOP reduction", f"{res['flop_reduction']:.2f}×"), ("retries", res["retries"])]
+    dens = res.get("densities") or {}
+    if dens:
+        rows.append(("densities", ", ".join(f"{k} {v:.2f}" for k, v in dens.items() if v < 1) or "all 1.0"))
+    rows += [("note", n) for n in res.get("notes") or []]
+    return kv_table("prune", rows)

@@ -159,3 +159,26 @@ def test_profile_measures_then_reuses_the_cached_table(tmp_path):
     run_cli("zoo", "create", "convtransformer", "--set", "num_layers=1", "-o", other, check=0)
     proc = run_cli("profile", other, "--table", tmp_path / "t.json", "-o", tmp_path / "t4.json")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_prune_infeasible_budget_exit_4_and_nothing_written(tmp_path, conformer_ckpt):
+    out = tmp_path / "p.pt"
+    proc = run_cli("prune", conformer_ckpt, "--latency-ms", "0.0001", "-o", out)
+    assert proc.returncode == 4, proc.stderr
+    assert "infeasible" in proc.stderr and "ms" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    proc = run_cli("prune", conformer_ckpt, "-o", out)
+    assert proc.returncode == 2 and "--latency-ms" in proc.stderr
+
+
+def test_prune_meets_a_generous_budget_and_replays(tmp_path, conformer_ckpt):
+    from edgec.checkpoint import load_checkpoint
+
+    out = tmp_path / "p.pt"
+    res = json.loads(run_cli("prune", conformer_ckpt, "--latency-ratio", "0.85", "-o", out, "--json", check=0).stdout)
+    assert res["measured_ms"] <= res["budget_ms"] and res["params_after"] < res["params_before"]
+    model = load_checkpoint(out)  # the prune.channels record replays the smaller structure
+    assert model.param_count() == res["params_after"]
+    alcs = [r for r in model.provenance if r["pass"] == "prune.alcs"][0]
+    assert alcs["metrics"]["measured_ms"] == res["measured_ms"] and "estimated_ms" in alcs["metrics"]
+    run_cli("export", out, "-o", tmp_path / "p.onnx", check=0)
