@@ -191,14 +191,20 @@ def _returns_to_width(modules: dict, w1: fx.Node, w2: fx.Node) -> bool:
     return modules[w2.target].out_features == d
 
 
-def find_ffns(model: Model) -> list[FFN]:
-    """Every FFN (plain or gated) in graph order; see the module docstring for the rules."""
-    gm = model.gm
-    modules = dict(gm.named_modules())
+def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How often each submodule is called in the graph (a shared module cannot be rewritten alone)."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def find_ffns(model: Model) -> list[FFN]:
+    """Every FFN (plain or gated) in graph order; see the module docstring for the rules."""
+    gm = model.gm
+    modules = dict(gm.named_modules())
+    calls = _call_counts(gm)
     ffns: list[FFN] = []
     for node in gm.graph.nodes:
         x = _linear_input(modules, node)
@@ -375,10 +381,7 @@ def _check_hrf_users(model: Model, error) -> list[tuple[fx.Node, list[fx.Node]]]
     """Each HRF node with its consumers, which must all be single-call nn.Linear(r, ·) modules."""
     gm = model.gm
     modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _call_counts(gm)
     found = []
     for node in hrf_nodes(model):
         r = modules[node.target].out_features
