@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from edgec.checkpoint import check_output
 from edgec.errors import EdgecError
 
 def fold_passes() -> list[str]:
@@ -16,17 +17,6 @@ def fold_passes() -> list[str]:
 
     folds = [get_pass(name).scaffold_fold for name in PASSES if name.startswith("scaffold.")]
     return list(dict.fromkeys(f for f in folds if f)) + ["fold.batchnorm"]
-
-
-def check_output(output: str | Path, *inputs) -> Path:
-    """Refuse an output that is a folder or would overwrite one of the inputs (inputs are never modified)."""
-    out = Path(output)
-    if out.is_dir():
-        raise EdgecError(f"output {out} is a directory; give a file name")
-    for src in inputs:
-        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise EdgecError(f"refusing to overwrite the input {src}; choose another output")
-    return out
 
 
 def _out_path(input_path: str | Path, output: str | Path | None, suffix: str) -> Path:

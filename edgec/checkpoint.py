@@ -47,6 +47,17 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def check_output(output: str | Path, *inputs) -> Path:
+    """Refuse an output that is a folder or would overwrite one of the inputs (inputs are never modified)."""
+    out = Path(output)
+    if out.is_dir():
+        raise EdgecError(f"output {out} is a directory; give a file name")
+    for src in inputs:
+        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise EdgecError(f"refusing to overwrite the input {src}; choose another output")
+    return out
+
+
 def serialize(obj) -> bytes:
     import torch
 

@@ -182,3 +182,15 @@ def test_prune_meets_a_generous_budget_and_replays(tmp_path, conformer_ckpt):
     alcs = [r for r in model.provenance if r["pass"] == "prune.alcs"][0]
     assert alcs["metrics"]["measured_ms"] == res["measured_ms"] and "estimated_ms" in alcs["metrics"]
     run_cli("export", out, "-o", tmp_path / "p.onnx", check=0)
+
+
+def test_finetune_never_overwrites_its_inputs(tmp_path, conformer_ckpt):
+    import torch
+
+    data = tmp_path / "d.pt"
+    torch.save({"inputs": torch.randn(8, 200, 40), "targets": torch.arange(8) % 4}, data)
+    before = data.read_bytes()
+    for extra in (["-o", data], ["-o", tmp_path / "ok.pt", "--resume-file", conformer_ckpt]):
+        proc = run_cli("finetune", conformer_ckpt, "--data", data, "--epochs", "1", *extra)
+        assert proc.returncode == 2 and "refusing to overwrite the input" in proc.stderr, proc.stderr
+    assert data.read_bytes() == before and not (tmp_path / "ok.pt").exists()

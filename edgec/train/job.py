@@ -89,18 +89,16 @@ def finetune_file(
     ``off_weight``, ``off_layers`` and ``binary_weights`` are passed to :func:`edgec.train.loop.finetune`;
     "logits"/"off" without ``teacher`` look the teacher up by digest (module docstring).
     """
-    from edgec.checkpoint import load_checkpoint, save_checkpoint
+    from edgec.checkpoint import check_output, load_checkpoint, save_checkpoint
     from edgec.data import load_data
     from edgec.train.distill import find_teacher, scaffold_sources
     from edgec.train.loop import DISTILL_MODES, finetune
 
     t0 = time.perf_counter()
-    model_path, output = Path(model_path), Path(output)
-    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
-        raise EdgecError(f"refusing to overwrite the input {model_path}; choose another -o")
-    if output.is_dir():
-        raise EdgecError(f"output {output} is a directory; give a file name such as {output / 'model-ft.pt'}")
-    rfile = Path(resume_file) if resume_file else default_resume_file(output)
+    model_path = Path(model_path)
+    inputs = (model_path, data_source if os.path.exists(os.fspath(data_source)) else None, teacher)
+    output = check_output(output, *inputs)
+    rfile = check_output(Path(resume_file) if resume_file else default_resume_file(output), *inputs)
     opts = dict(data_options or {})
 
     with D.session() as info:
