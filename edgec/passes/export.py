@@ -121,15 +121,10 @@ def strip_metadata(proto) -> None:
 
 
 def ort_session(data: bytes, threads: int = 1, **config):
-    import onnxruntime as ort
+    """A session with the same options eval and latency measurement use (edgec.latency.measure)."""
+    from edgec.latency.measure import create_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    for key, value in config.items():
-        opts.add_session_config_entry(key, str(value))
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return create_session(data, threads, config)
 
 
 def ort_parity(model: Model, data: bytes, seeds=(0, 1), config: dict | None = None) -> dict:

@@ -38,6 +38,20 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _slice_weight(m, new, w, b, out, inp, out_attr: str, in_attr: str) -> None:
+    """Keep output rows ``out`` and input columns ``inp`` of ``w`` (and ``b``); set the new sizes on ``new``."""
+    if out is not None:
+        idx = torch.tensor(out, dtype=torch.long)
+        w, b = w[idx], (b[idx] if b is not None else None)
+        setattr(new, out_attr, len(out))
+    if inp is not None:
+        w = w[:, torch.tensor(inp, dtype=torch.long)]
+        setattr(new, in_attr, len(inp))
+    new.weight = _param(w, m.weight)
+    if b is not None:
+        new.bias = _param(b, m.bias)
+
+
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=like.requires_grad)
 
@@ -53,33 +67,14 @@ def _slice_module(m: nn.Module, target: str, cuts: dict[str, list[int]]) -> nn.M
             new.weight = _param(m.weight[:, idx], m.weight)
             new.embedding_dim = len(emb)
         elif isinstance(m, nn.Linear):
-            w, b = m.weight, m.bias
-            if out is not None:
-                idx = torch.tensor(out, dtype=torch.long)
-                w, b = w[idx], (b[idx] if b is not None else None)
-                new.out_features = len(out)
-            if inp is not None:
-                w = w[:, torch.tensor(inp, dtype=torch.long)]
-                new.in_features = len(inp)
-            new.weight = _param(w, m.weight)
-            if b is not None:
-                new.bias = _param(b, m.bias)
+            _slice_weight(m, new, m.weight, m.bias, out, inp, "out_features", "in_features")
         elif isinstance(m, _CONV):
             w, b = m.weight, m.bias
             if chan is not None:  # depthwise: in = out = groups
                 idx = torch.tensor(chan, dtype=torch.long)
                 w, b = w[idx], (b[idx] if b is not None else None)
                 new.in_channels = new.out_channels = new.groups = len(chan)
-            if out is not None:
-                idx = torch.tensor(out, dtype=torch.long)
-                w, b = w[idx], (b[idx] if b is not None else None)
-                new.out_channels = len(out)
-            if inp is not None:
-                w = w[:, torch.tensor(inp, dtype=torch.long)]
-                new.in_channels = len(inp)
-            new.weight = _param(w, m.weight)
-            if b is not None:
-                new.bias = _param(b, m.bias)
+            _slice_weight(m, new, w, b, out, inp, "out_channels", "in_channels")
         elif isinstance(m, _BN):
             idx = torch.tensor(chan, dtype=torch.long)
             new.num_features = len(chan)
