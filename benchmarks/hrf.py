@@ -23,11 +23,11 @@ def mean_std(xs):
 
 
 def run_one(arch: str, hrf: bool, seed: int, bundle, epochs: int, lr: float):
-    from edgec.api import fold_passes
-    from edgec.checkpoint import new_model
-    from edgec.evaluate import evaluate_model
-    from edgec.manager import PassManager, get_pass
-    from edgec.passes.export import export
+    from edgec.app.api import fold_passes
+    from edgec.models.checkpoint import new_model
+    from edgec.evaluation import evaluate_model
+    from edgec.core.pass_manager import PassManager, get_pass
+    from edgec.onnx.export import export
     from edgec.train import finetune
 
     model = new_model(arch, seed=seed)

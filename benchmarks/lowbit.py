@@ -30,13 +30,13 @@ MODELS = {
 
 
 def passes(model, *names_params):
-    from edgec.manager import PassManager, get_pass
+    from edgec.core.pass_manager import PassManager, get_pass
 
     return PassManager([get_pass(n)(**p) for n, p in names_params])(model)[0]
 
 
 def folded(model):
-    from edgec.api import fold_passes
+    from edgec.app.api import fold_passes
 
     return passes(model, *[(n, {}) for n in fold_passes()])
 
@@ -62,8 +62,8 @@ def ort_2bit(data: bytes) -> bytes:
 
 
 def row(name, data, fp32_bytes, bundle, metric, spec, batch, lowbit_ratio="-"):
-    from edgec.evaluate import evaluate_model
-    from edgec.latency.measure import measure_onnx, sample_inputs
+    from edgec.evaluation import evaluate_model
+    from edgec.onnx.session import measure_onnx, sample_inputs
 
     quality = evaluate_model(data, bundle, split="test", latency=False)["metrics"][metric]
     lat1 = measure_onnx(data, sample_inputs(spec, batch=1), threads=1)["median_ms"]
@@ -73,8 +73,8 @@ def row(name, data, fp32_bytes, bundle, metric, spec, batch, lowbit_ratio="-"):
 
 
 def bench(key: str, epochs: int, bundles: dict) -> None:
-    from edgec.checkpoint import new_model
-    from edgec.passes.export import export
+    from edgec.models.checkpoint import new_model
+    from edgec.onnx.export import export
     from edgec.train import finetune
 
     arch, cfg, task, metric, batch = MODELS[key]

@@ -26,26 +26,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fold(model):
-    from edgec.api import fold_passes
-    from edgec.manager import PassManager, get_pass
+    from edgec.app.api import fold_passes
+    from edgec.core.pass_manager import PassManager, get_pass
 
     return PassManager([get_pass(n)() for n in fold_passes()])(model)[0]
 
 
 def scaffold(model, name, **params):
-    from edgec.manager import PassManager, get_pass
+    from edgec.core.pass_manager import PassManager, get_pass
 
     return PassManager([get_pass(name)(**params)])(model)[0]
 
 
 def score(model, bundle, key):
-    from edgec.evaluate import evaluate_model
+    from edgec.evaluation import evaluate_model
 
     return evaluate_model(model, bundle, split="test", latency=False)["metrics"][key]
 
 
 def digits_variants(seed, bundle, epochs):
-    from edgec.checkpoint import new_model
+    from edgec.models.checkpoint import new_model
     from edgec.train import finetune
 
     fp, _ = finetune(new_model("resnet", seed=seed), bundle, epochs=epochs, lr=3e-3, seed=seed)
@@ -57,7 +57,7 @@ def digits_variants(seed, bundle, epochs):
 
 
 def speech_variants(seed, bundle, epochs):
-    from edgec.checkpoint import new_model
+    from edgec.models.checkpoint import new_model
     from edgec.train import finetune
 
     fp, _ = finetune(new_model("conformer", seed=seed), bundle, epochs=epochs, lr=2e-3, seed=seed)

@@ -93,7 +93,7 @@ class Ctx:
 
 
 def measure_model(ctx, model, verified=False):
-    from edgec.passes.export import export, to_onnx
+    from edgec.onnx.export import export, to_onnx
     from edgec.prune.run import measure
 
     data = export(model)[0] if verified else to_onnx(model).SerializeToString()
@@ -101,7 +101,7 @@ def measure_model(ctx, model, verified=False):
 
 
 def score(ctx, model_or_bytes):
-    from edgec.evaluate import evaluate_model
+    from edgec.evaluation import evaluate_model
 
     return float(evaluate_model(model_or_bytes, ctx.bundle, split="test", latency=False)["metrics"][ctx.metric])
 
@@ -166,8 +166,8 @@ def say(msg):
 # ------------------------------------------------------------------------------------------- methods
 
 def run_alcs(ctx, ratio, tmp, admm_epochs, label):
-    from edgec.checkpoint import load_checkpoint
-    from edgec.errors import EdgecError
+    from edgec.models.checkpoint import load_checkpoint
+    from edgec.core.errors import EdgecError
     from edgec.prune.run import prune_file
 
     out = tmp / f"{ctx.arch}_alcs_{ratio}_{admm_epochs}.pt"
@@ -186,7 +186,7 @@ def run_alcs(ctx, ratio, tmp, admm_epochs, label):
 
 
 def run_uniform(ctx, ratio, target_ms):
-    from edgec.manager import PassManager
+    from edgec.core.pass_manager import PassManager
     from edgec.passes.prune_channels import PruneChannels
 
     def build(prune_frac):
@@ -207,8 +207,8 @@ def tp_prune(ctx, ratio, also_ignore=()):
     import torch_pruning as tp
 
     from edgec import models
-    from edgec.checkpoint import trace_or_error
-    from edgec.graph import Model
+    from edgec.models.checkpoint import trace_or_error
+    from edgec.core.graph import Model
 
     module = models.build(ctx.arch, ctx.model.config)
     own = module.state_dict()  # the GraphModule may carry extra traced constants (e.g. _tensor_constant0)
@@ -278,7 +278,7 @@ def run_tp(ctx, ratio, target_ms):
 def prepare(arch, args, tmp):
     import torch
 
-    from edgec.checkpoint import new_model, save_checkpoint
+    from edgec.models.checkpoint import new_model, save_checkpoint
     from edgec.data import load_data
     from edgec.prune.run import macs
     from edgec.train import finetune

@@ -12,15 +12,15 @@ import statistics
 import time
 
 from edgec import models
-from edgec.checkpoint import new_model
-from edgec.passes.export import export
+from edgec.models.checkpoint import new_model
+from edgec.onnx.export import export
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from edgec.latency.measure import measure_onnx
+    from edgec.onnx.session import measure_onnx
 
     rows = []
     for arch in models.ZOO:

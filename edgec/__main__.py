@@ -1,3 +1,3 @@
-from edgec.cli import main
+from edgec.app.cli import main
 
 main()

@@ -27,7 +27,7 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def conformer_ckpt(tmp_path_factory):
-    from edgec.checkpoint import new_model, save_checkpoint
+    from edgec.models.checkpoint import new_model, save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "conformer.pt"
     save_checkpoint(new_model("conformer", seed=0), path)

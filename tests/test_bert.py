@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.models import build, full_config, resolve
 from edgec.models.bert import Bert
 from edgec.models.hf_bert import load_hf_bert, read_hf_bert

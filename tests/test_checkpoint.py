@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from edgec.checkpoint import FORMAT, load_checkpoint, new_model, save_checkpoint
-from edgec.errors import EdgecError
+from edgec.models.checkpoint import FORMAT, load_checkpoint, new_model, save_checkpoint
+from edgec.core.errors import EdgecError
 
 
 def test_roundtrip_same_digest_and_outputs(tmp_path):

@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["zoo", "--help"], ["export", "--help"]])
 def test_help_and_version_do_not_import_torch(args):
-    code = (f"import sys; from edgec.cli import app; sys.argv=['edgec', *{args!r}]\n"
+    code = (f"import sys; from edgec.app.cli import app; sys.argv=['edgec', *{args!r}]\n"
             "try:\n  app()\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -172,7 +172,7 @@ def test_prune_infeasible_budget_exit_4_and_nothing_written(tmp_path, conformer_
 
 
 def test_prune_meets_a_generous_budget_and_replays(tmp_path, conformer_ckpt):
-    from edgec.checkpoint import load_checkpoint
+    from edgec.models.checkpoint import load_checkpoint
 
     out = tmp_path / "p.pt"
     res = json.loads(run_cli("prune", conformer_ckpt, "--latency-ratio", "0.85", "-o", out, "--json", check=0).stdout)

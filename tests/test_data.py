@@ -13,7 +13,7 @@ import torch
 
 from edgec.data import DataBundle, load_data
 from edgec.data import features as F
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from edgec import models
-from edgec.checkpoint import load_checkpoint, new_model, read_data, save_checkpoint
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.core.fileio import read_data
 from edgec.data import load_data
-from edgec.errors import EdgecError
-from edgec.graph import trace
-from edgec.manager import PassManager
+from edgec.core.errors import EdgecError
+from edgec.core.graph import trace
+from edgec.core.pass_manager import PassManager
 from edgec.passes.hrf import HRFScaffold
 from edgec.train import (TrainingInterrupted, block_names, feature_extractor, finetune, finetune_file, off_loss,
                          resolve_layers)
@@ -56,7 +57,7 @@ class BlockNet(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def input_spec(self):
-        from edgec.spec import Dim, InputSpec, TensorSpec
+        from edgec.core.spec import Dim, InputSpec, TensorSpec
 
         return InputSpec(inputs=(TensorSpec("x", (Dim("batch", 2, 3), self.in_features)),))
 

@@ -1,4 +1,4 @@
-"""`edgec eval` protocol (edgec.evaluate) and the onnxruntime latency protocol (edgec.latency.measure)."""
+"""`edgec eval` protocol (edgec.evaluation) and the onnxruntime latency protocol (edgec.onnx.session)."""
 import json
 import re
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 SMALL_RESNET = {"base_width": 8, "blocks_per_stage": [1, 1, 1, 1]}
 FAST = {"warmup": 2, "repeats": 5, "min_seconds": 0.0}
@@ -27,8 +27,8 @@ def _well_separated(model, n, seed, margin=1e-2):
 def resnet_files(tmp_path_factory):
     """A small ResNet as .pt and verified .onnx, and a tensor file whose targets make the metrics known:
     every even item's target is the model's own prediction, every odd item's the next class."""
-    from edgec.checkpoint import new_model, save_checkpoint
-    from edgec.passes.export import export
+    from edgec.models.checkpoint import new_model, save_checkpoint
+    from edgec.onnx.export import export
 
     d = tmp_path_factory.mktemp("eval")
     model = new_model("resnet", SMALL_RESNET, seed=0)
@@ -51,7 +51,7 @@ def resnet_files(tmp_path_factory):
 def test_metrics_on_a_known_model(resnet_files):
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     f = resnet_files
     r = evaluate(f["dir"] / "r.pt", f["dir"] / "data.pt", latency=False, return_predictions=True)
@@ -74,7 +74,7 @@ def test_metrics_on_a_known_model(resnet_files):
 
 
 def test_checkpoint_and_its_onnx_give_the_same_metrics(resnet_files):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     f = resnet_files
     a = evaluate(f["dir"] / "r.pt", f["dir"] / "data.pt", return_predictions=True, **FAST)
@@ -103,7 +103,7 @@ def test_checkpoint_and_its_onnx_give_the_same_metrics(resnet_files):
 
 
 def test_latency_batch_and_threads(resnet_files):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     f = resnet_files
     r = evaluate(f["dir"] / "r.onnx", f["dir"] / "data.pt", threads=2, latency_batch=8, **FAST)
@@ -112,7 +112,7 @@ def test_latency_batch_and_threads(resnet_files):
 
 
 def test_split_falls_back_to_val(resnet_files):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     f = resnet_files
     r = evaluate(f["dir"] / "r.onnx", f["dir"] / "noval.pt", latency=False, val_fraction=0.2)
@@ -124,8 +124,8 @@ def test_split_falls_back_to_val(resnet_files):
 
 
 def test_regression_metrics(tmp_path):
-    from edgec.checkpoint import new_model, save_checkpoint
-    from edgec.evaluate import evaluate
+    from edgec.models.checkpoint import new_model, save_checkpoint
+    from edgec.evaluation import evaluate
 
     model = new_model("resnet", {**SMALL_RESNET, "num_classes": 1}, seed=1)
     save_checkpoint(model, tmp_path / "reg.pt")
@@ -143,10 +143,10 @@ def test_regression_metrics(tmp_path):
 
 
 def test_scaffolded_model_has_metrics_but_no_latency(resnet_files):
-    from edgec.checkpoint import load_checkpoint
+    from edgec.models.checkpoint import load_checkpoint
     from edgec.data import load_data
-    from edgec.evaluate import evaluate_model
-    from edgec.graph import Scaffold, set_submodule
+    from edgec.evaluation import evaluate_model
+    from edgec.core.graph import Scaffold, set_submodule
 
     class Wrap(Scaffold):
         kind, folded_by = "test", "fold.test"
@@ -169,8 +169,8 @@ def test_scaffolded_model_has_metrics_but_no_latency(resnet_files):
 
 
 def test_two_input_model_gets_a_mask(tmp_path):
-    from edgec.checkpoint import new_model, save_checkpoint
-    from edgec.evaluate import evaluate
+    from edgec.models.checkpoint import new_model, save_checkpoint
+    from edgec.evaluation import evaluate
 
     cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
            "num_labels": 3}
@@ -189,7 +189,7 @@ def test_two_input_model_gets_a_mask(tmp_path):
 # --- bad inputs ----------------------------------------------------------------------------------
 
 def test_missing_files(resnet_files, tmp_path):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     f = resnet_files
     for name in ("nope.pt", "nope.onnx"):
@@ -203,7 +203,7 @@ def test_missing_files(resnet_files, tmp_path):
 
 
 def test_data_shape_mismatch_is_a_clear_error(conformer_ckpt, resnet_files, tmp_path):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     g = torch.Generator().manual_seed(0)
     torch.save({"inputs": torch.randn(10, 200, 80, generator=g), "targets": torch.arange(10) % 4},
@@ -223,7 +223,7 @@ def test_data_shape_mismatch_is_a_clear_error(conformer_ckpt, resnet_files, tmp_
 
 
 def test_fewer_outputs_than_classes_is_an_error(resnet_files, tmp_path):
-    from edgec.evaluate import evaluate
+    from edgec.evaluation import evaluate
 
     x = resnet_files["x_test"]
     torch.save({"inputs": x, "targets": torch.arange(len(x)) % 12}, tmp_path / "twelve.pt")
@@ -248,7 +248,7 @@ def _tiny_onnx() -> bytes:
 
 
 def test_measure_onnx(tmp_path):
-    from edgec.latency import measure_onnx
+    from edgec.onnx.session import measure_onnx
 
     data = _tiny_onnx()
     x = np.ones((4, 64), dtype=np.float32)
@@ -272,8 +272,8 @@ def test_measure_onnx(tmp_path):
 def test_machine_key_and_sample_inputs():
     import onnxruntime
 
-    from edgec.checkpoint import new_model
-    from edgec.latency import machine_id, machine_key, sample_inputs
+    from edgec.models.checkpoint import new_model
+    from edgec.onnx.session import machine_id, machine_key, sample_inputs
 
     k = machine_key(3)
     assert k["runtime"] == "onnxruntime" and k["runtime_version"] == onnxruntime.__version__

@@ -7,10 +7,10 @@ import torch
 
 from conftest import run_cli
 from edgec import models
-from edgec.checkpoint import new_model
-from edgec.errors import EdgecError
-from edgec.graph import Scaffold
-from edgec.passes.export import PROVENANCE_KEY, export, ort_session
+from edgec.models.checkpoint import new_model
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Scaffold
+from edgec.onnx.export import PROVENANCE_KEY, export, ort_session
 
 
 @pytest.mark.parametrize("arch", sorted(models.ZOO))

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.checkpoint import load_checkpoint, new_model, read_data, save_checkpoint
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+
+from edgec.core.fileio import read_data
 from edgec.data import load_data
-from edgec.errors import EdgecError
-from edgec.graph import canonical_json
+from edgec.core.errors import EdgecError
+from edgec.core.graph import canonical_json
 from edgec.train import TrainingInterrupted, WarmupCosine, finetune, finetune_file, kd_loss
 from edgec.train.loop import evaluate, is_better
 
@@ -38,7 +40,7 @@ class TinyNet(nn.Module):
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def input_spec(self):
-        from edgec.spec import Dim, InputSpec, TensorSpec
+        from edgec.core.spec import Dim, InputSpec, TensorSpec
 
         return InputSpec(inputs=(TensorSpec("x", (Dim("batch", 2, 3), self.in_features)),))
 

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import edgec.manager
-from edgec.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.errors import EdgecError
-from edgec.graph import Model, max_error, trace, verify_equivalent
-from edgec.manager import PassManager, PreconditionError
+import edgec.core.pass_manager
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, max_error, trace, verify_equivalent
+from edgec.core.pass_manager import PassManager, PreconditionError
 from edgec.passes.bnfold import FoldBatchNorm
 from edgec.passes.hrf import FoldHRF, HRFExpand, HRFScaffold, find_ffns
-from edgec.spec import Dim, InputSpec, TensorSpec
+from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 TOL = 1e-5
 # arch -> (number of FFNs, number of first-linear modules an HRF feeds per FFN)
@@ -34,8 +34,8 @@ def base():
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(edgec.manager.PASSES, "scaffold.hrf", "edgec.passes.hrf:HRFScaffold")
-    monkeypatch.setitem(edgec.manager.PASSES, "fold.hrf", "edgec.passes.hrf:FoldHRF")
+    monkeypatch.setitem(edgec.core.pass_manager.PASSES, "scaffold.hrf", "edgec.passes.hrf:HRFScaffold")
+    monkeypatch.setitem(edgec.core.pass_manager.PASSES, "fold.hrf", "edgec.passes.hrf:FoldHRF")
 
 
 def scaffold(model, **params):

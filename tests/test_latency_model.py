@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.latency import model as lat
 from edgec.latency import profile as prof
 from edgec.latency import simd
+from edgec.latency import cache
 from edgec.latency import table as tab
 
 # --- a tiny model --------------------------------------------------------------------------------
@@ -33,8 +34,8 @@ class TinyNet(nn.Module):
 
 
 def tiny_model(hidden=64, seed=0):
-    from edgec.graph import Model, trace
-    from edgec.spec import Dim, InputSpec, TensorSpec
+    from edgec.core.graph import Model, trace
+    from edgec.core.spec import Dim, InputSpec, TensorSpec
 
     torch.manual_seed(seed)
     module = TinyNet(hidden).eval()
@@ -44,7 +45,7 @@ def tiny_model(hidden=64, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from edgec.passes.export import to_onnx
+    from edgec.onnx.export import to_onnx
 
     model = tiny_model()
     return model, to_onnx(model).SerializeToString()
@@ -141,17 +142,17 @@ def test_table_json_round_trip_and_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prof, "profile", fake_profile)
     folder = tmp_path / "cache"
-    first = tab.cached(model, threads=1, folder=folder)
+    first = cache.cached(model, threads=1, folder=folder)
     assert first["_cache"]["hit"] is False and len(calls) == 1
     path = first["_cache"]["path"]
-    again = tab.cached(model, threads=1, folder=folder)
+    again = cache.cached(model, threads=1, folder=folder)
     assert again["_cache"] == {"hit": True, "path": path} and len(calls) == 1
-    assert tab.cached(tiny_model(seed=5), threads=1, folder=folder)["_cache"]["hit"]  # other weights: same latency
-    assert not tab.cached(model, threads=2, folder=folder)["_cache"]["hit"]
-    assert not tab.cached(model, threads=1, batch=4, folder=folder)["_cache"]["hit"]
-    assert not tab.cached(model, threads=1, shapes={"x": (1, 40, 16)}, folder=folder)["_cache"]["hit"]
-    assert not tab.cached(model, threads=1, densities=(1.0, 0.5), folder=folder)["_cache"]["hit"]
-    assert not tab.cached(tiny_model(hidden=32), threads=1, folder=folder)["_cache"]["hit"]  # other config
+    assert cache.cached(tiny_model(seed=5), threads=1, folder=folder)["_cache"]["hit"]  # other weights: same latency
+    assert not cache.cached(model, threads=2, folder=folder)["_cache"]["hit"]
+    assert not cache.cached(model, threads=1, batch=4, folder=folder)["_cache"]["hit"]
+    assert not cache.cached(model, threads=1, shapes={"x": (1, 40, 16)}, folder=folder)["_cache"]["hit"]
+    assert not cache.cached(model, threads=1, densities=(1.0, 0.5), folder=folder)["_cache"]["hit"]
+    assert not cache.cached(tiny_model(hidden=32), threads=1, folder=folder)["_cache"]["hit"]  # other config
     assert len(calls) == 6
     # the file: deterministic JSON without run-time entries; round trip gives the same bytes
     text = open(path, encoding="utf-8").read()
@@ -160,8 +161,8 @@ def test_table_json_round_trip_and_cache(tmp_path, monkeypatch):
     assert list(json.loads(text)) == sorted(json.loads(text))
     # a damaged cache entry is measured again
     open(path, "w").write("{not json")
-    assert not tab.cached(model, threads=1, folder=folder)["_cache"]["hit"]
-    assert tab.cached(model, threads=1, folder=folder)["_cache"]["hit"]
+    assert not cache.cached(model, threads=1, folder=folder)["_cache"]["hit"]
+    assert cache.cached(model, threads=1, folder=folder)["_cache"]["hit"]
 
 
 def test_load_table_key_checks(tmp_path):
@@ -240,7 +241,7 @@ def test_profile_tiny_model(tiny):
     with pytest.raises(EdgecError, match="'nope' is not a module"):
         prof.profile(model, units=[("u", ["nope"], 4)], dense_onnx=onnx_bytes)
     # the model's error against real measurements: the dense model, and a really smaller hidden width
-    from edgec.passes.export import to_onnx
+    from edgec.onnx.export import to_onnx
 
     report = lat.model_error(table, [("dense", {}, onnx_bytes),
                                      ("hidden 0.5", {"hidden": 0.5}, to_onnx(tiny_model(hidden=32)))],
@@ -298,7 +299,7 @@ def test_simd_masks_and_patterns():
 def test_units_from_channel_groups_and_untimed_members():
     model = tiny_model()
 
-    class FakeGroup:  # the fields of edgec.prune.groups.Group that profiling reads
+    class FakeGroup:  # the fields of edgec.analysis.groups.Group that profiling reads
         name, kind, size, width = "l1", "hidden", 64, 1
         producers, consumers, per_channel = ["l1"], ["l2"], ["act"]
 

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.checkpoint import new_model
-from edgec.errors import EdgecError
-from edgec.graph import Model, set_submodule, trace
-from edgec.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, lowbit_layers, lowbit_like
-from edgec.passes import lowbit_export as lb
-from edgec.passes.export import PROVENANCE_KEY, export, ort_session, read_provenance
-from edgec.spec import Dim, InputSpec, TensorSpec
+from edgec.models.checkpoint import new_model
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, set_submodule, trace
+from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, lowbit_layers, lowbit_like
+from edgec.onnx import int2 as lb
+from edgec.onnx.export import PROVENANCE_KEY, export, ort_session, read_provenance
+from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 STRICT = lb.STRICT_SESSION_CONFIG
 

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.errors import EdgecError
-from edgec.graph import Model, trace
-from edgec.lowbit import LowBitConv2d, LowBitLinear, expand_groups, lowbit_layers
-from edgec.manager import PassManager, PreconditionError
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, trace
+from edgec.layers.lowbit import LowBitConv2d, LowBitLinear, expand_groups, lowbit_layers
+from edgec.core.pass_manager import PassManager, PreconditionError
 from edgec.passes.binary import (BinaryLayer, BinaryScaffold, FoldBinary, binary_aux_loss, binary_latent_weights,
                                  real_mode)
 from edgec.passes.dlt import DLTLayer, DLTScaffold, FoldDLT
 from edgec.passes.sttn import FoldSTTN, STTNLayer, STTNScaffold
-from edgec.spec import Dim, InputSpec, TensorSpec
+from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 TOL = 1e-5
 SMALL = {
@@ -297,7 +297,7 @@ def test_training_forward_value_is_the_quantized_one():
 
 
 def test_activation_ste():
-    from edgec.lowbit import binary_act, ternary_act
+    from edgec.layers.lowbit import binary_act, ternary_act
 
     x = torch.tensor([-2.0, -0.7, -0.2, 0.0, 0.3, 0.8, 1.5], requires_grad=True)
     y = ternary_act(x)
@@ -424,7 +424,7 @@ def test_binary_aux_path_api():
 
 
 def test_pass_manager_provenance_and_export(base):
-    from edgec.passes.export import export, refuse_scaffolds
+    from edgec.onnx.export import export, refuse_scaffolds
 
     model = base("resnet")
     scaf, records = PassManager([DLTScaffold(group_size=16)])(model)

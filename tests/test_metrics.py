@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgec.errors import EdgecError
-from edgec.metrics import classification_metrics, regression_metrics
+from edgec.core.errors import EdgecError
+from edgec.core.metrics import classification_metrics, regression_metrics
 
 
 def test_classification_hand_computed():

@@ -11,14 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.errors import EdgecError
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.core.errors import EdgecError
 from edgec.latency import model as lat
 from edgec.latency import profile as prof
 from edgec.latency import simd as simd_mod
+from edgec.latency import cache
 from edgec.latency import table as tab
 from edgec.prune import alcs
-from edgec.prune.groups import analyse
+from edgec.analysis.groups import analyse
 from edgec.prune.run import measure, prune_file, simd_report
 
 # --- a tiny model and synthetic tables ---------------------------------------------------------------
@@ -44,8 +45,8 @@ class TinyNet(nn.Module):
 
 
 def tiny_model(seed=0):
-    from edgec.graph import Model, trace
-    from edgec.spec import Dim, InputSpec, TensorSpec
+    from edgec.core.graph import Model, trace
+    from edgec.core.spec import Dim, InputSpec, TensorSpec
 
     torch.manual_seed(seed)
     module = TinyNet().eval()
@@ -283,7 +284,7 @@ def test_prune_meets_a_feasible_budget_as_measured(one_shot):
     assert result["mode"] == "one-shot" and any("one-shot" in n for n in result["notes"])
     assert result["retries"] == len(result["attempts"]) - 1
     # measured again, independently, from the written file (noise margin: other processes share the CPU)
-    from edgec.passes.export import export
+    from edgec.onnx.export import export
 
     model = load_checkpoint(out)
     data, _ = export(model)
@@ -292,7 +293,7 @@ def test_prune_meets_a_feasible_budget_as_measured(one_shot):
 
 
 def test_provenance_records_estimated_and_measured_latency_and_replays(one_shot, resnet_ckpt):
-    from edgec.passes.export import export
+    from edgec.onnx.export import export
 
     result, out = one_shot
     model = load_checkpoint(out)  # replays prune.channels on fresh weights, then loads strictly
@@ -380,7 +381,7 @@ def test_a_table_from_another_device_sets_the_budget_in_its_milliseconds(one_sho
     import json
 
     model = load_checkpoint(resnet_ckpt)
-    table = tab.cached(model, 1, None, batch=1, units="groups", densities=GRID)
+    table = cache.cached(model, 1, None, batch=1, units="groups", densities=GRID)
     assert table["_cache"]["hit"]  # profiled once by the one-shot run
     device = json.loads(tab.dumps(table))
     device["key"]["cpu"] = "Slow Device CPU @ 1 GHz"  # measured elsewhere, 3x slower

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-import edgec.manager
-from edgec.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.errors import EdgecError
-from edgec.graph import Model, max_error, trace, verify_equivalent
-from edgec.manager import PassManager
-from edgec.passes.export import export
+import edgec.core.pass_manager
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, max_error, trace, verify_equivalent
+from edgec.core.pass_manager import PassManager
+from edgec.onnx.export import export
 from edgec.passes.prune_channels import PruneChannels
-from edgec.prune import analyse, describe_groups, find_groups, importance, keep_from_counts, zero_channels
-from edgec.spec import Dim, InputSpec, TensorSpec
+from edgec.analysis.groups import analyse, describe_groups, find_groups, importance, keep_from_counts, zero_channels
+from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 # small configs keep the ONNX exports (~5 s each) inside the test budget; structure is the zoo's
 ZOO = {
@@ -54,7 +54,7 @@ UNPRUNABLE = {  # group -> a phrase of its first reason
 
 @pytest.fixture(autouse=True)
 def _register(monkeypatch):
-    monkeypatch.setitem(edgec.manager.PASSES, "prune.channels", "edgec.passes.prune_channels:PruneChannels")
+    monkeypatch.setitem(edgec.core.pass_manager.PASSES, "prune.channels", "edgec.passes.prune_channels:PruneChannels")
 
 
 def _model(arch, seed=0):
@@ -246,7 +246,7 @@ class _Mixed(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from edgec.lowbit import LowBitLinear
+        from edgec.layers.lowbit import LowBitLinear
 
         self.a = nn.Conv1d(3, 6, 3, padding=1)
         self.b = nn.Conv1d(3, 4, 1)
@@ -295,7 +295,7 @@ def test_concat_depthwise_flatten_glu_lowbit():
 class _LowBitFFN(nn.Module):
     def __init__(self):
         super().__init__()
-        from edgec.lowbit import LowBitLinear
+        from edgec.layers.lowbit import LowBitLinear
 
         self.up = LowBitLinear(4, 8)
         self.down = nn.Linear(8, 4)

@@ -47,8 +47,8 @@ def test_finetune_learns_and_beats_chance_on_held_out_speakers(trained, speech):
 
 
 def test_fold_restores_base_architecture_and_eval_agrees_on_pt_and_onnx(trained, speech):
-    from edgec.checkpoint import load_checkpoint
-    from edgec.manager import PassManager
+    from edgec.models.checkpoint import load_checkpoint
+    from edgec.core.pass_manager import PassManager
     from edgec.passes.bnfold import FoldBatchNorm
 
     d, _ = trained

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgec.models import build, full_config
-from edgec.spec import Dim, InputSpec
+from edgec.core.spec import Dim, InputSpec
 
 ort = pytest.importorskip("onnxruntime")
 

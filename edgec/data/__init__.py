@@ -14,7 +14,7 @@ import os
 
 from edgec.data.bundle import SPLIT_NAMES, DataBundle, TensorPairDataset
 from edgec.data.features import compute_features, feature_params, log_mel
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 __all__ = [
     "DataBundle",

@@ -29,7 +29,7 @@ import torch
 
 from edgec.data import features as F
 from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 LABELS_CSV = "labels.csv"
 REQUIRED_COLUMNS = ("path", "label")
@@ -229,7 +229,7 @@ def _load_cache(path: str, n: int, frames: int, n_mels: int) -> torch.Tensor | N
 
 
 def _save_cache(path: str, feats: torch.Tensor, params: dict) -> None:
-    from edgec.checkpoint import atomic_write, serialize
+    from edgec.core.fileio import atomic_write, serialize
 
     atomic_write(path, serialize({"features": feats, "params": params}))
 

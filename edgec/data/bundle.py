@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset, Subset
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 SPLIT_NAMES = ("train", "val", "test")
 

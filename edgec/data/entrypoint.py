@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from edgec.data.bundle import DataBundle, TargetCastDataset, split_dataset
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 ENTRY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 

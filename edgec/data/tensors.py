@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 KNOWN_KEYS = {"inputs", "targets", "val_inputs", "val_targets", "test_inputs", "test_targets", "classes"}

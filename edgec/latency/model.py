@@ -25,7 +25,7 @@ from bisect import bisect_left
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 def interpolate(xs, ys, s: float) -> float:
@@ -223,7 +223,7 @@ def model_error(table, cases, *, pattern: str = "channel", inputs: dict | None =
     measured_ms, p10_ms, p90_ms, error_ms, rel_error}], "mean_abs_rel_error", "max_abs_rel_error", "warnings"}``;
     ``rel_error = (estimate − measured) / measured``.
     """
-    from edgec.latency.measure import measure_onnx
+    from edgec.onnx.session import measure_onnx
     from edgec.latency.table import check_table
 
     lm = _model(table)

@@ -14,7 +14,7 @@ A *prunable unit* is a set of channels pruned together, described by :class:`Uni
   ``k·head_dim`` rows). A depthwise conv shrinks its input, output and group count together.
 
 ``units``: None or "layers" — every Linear/Conv1d/Conv2d layer is its own unit (producer only): the generic
-default; "groups" — the prunable groups of ``edgec.prune.groups.find_groups`` (producers, consumers,
+default; "groups" — the prunable groups of ``edgec.analysis.groups.find_groups`` (producers, consumers,
 per-channel layers, ``size`` units); or a list of units in any form :func:`as_unit` reads (a ``Group``
 included). Listed modules that are not Linear/Conv1d/Conv2d or never run (Embedding, BatchNorm, Conv3d) are
 recorded as ``untimed``; a name that is no module at all is an error.
@@ -23,7 +23,7 @@ How a unit is timed (the faithful-and-simple choice): one small ONNX graph holds
 consumer of the unit as an *independent* op (MatMul+Add for a Linear on (..., in) as the exporter writes it,
 Gemm for a 2-D Linear, Conv for Conv1d/2d, with the input shape each layer sees in the traced model at the
 requested input shapes), each fed its own random input with the shrunk channel count, and the graph is run
-with :func:`edgec.latency.measure.measure_session` (warm-up, median). Independent ops rather than a chain
+with :func:`edgec.onnx.session.measure_session` (warm-up, median). Independent ops rather than a chain
 because producer and consumer are usually separated by reshapes/GLU/attention whose shapes would have to be
 rebuilt; the ops inside them are in the remainder. The fixed cost of one ``session.run`` (about 5 µs on the
 development machine, recorded as ``run_overhead_ms``) is in every unit's numbers at every density, so it
@@ -41,7 +41,7 @@ producer (Linear, or 1×1 stride-1 unpadded ungrouped conv) through the gathered
 stay dense; a unit with no eligible producer has no ``simd`` entry). At density 1.0 every pattern is the
 dense graph (an unpruned layer is exported dense), measured once and shared.
 
-Calibration: the whole dense model (``edgec.passes.export.to_onnx``) is timed too; ``remainder = dense −
+Calibration: the whole dense model (``edgec.onnx.export.to_onnx``) is timed too; ``remainder = dense −
 Σ_units t_u(1.0)`` is everything not in a unit (norms, attention matmuls, activations, run overhead). When
 units share a layer (a conv that consumes one group and produces another) that layer is counted in both,
 and the remainder goes down (it may be negative); differences stay exact for one unit at a time. Pruning
@@ -68,9 +68,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.latency import simd as simd_mod
-from edgec.latency.measure import create_session, measure_session
+from edgec.latency import table as table_mod
+from edgec.latency.shapes import make_inputs, resolve_shapes
+from edgec.latency.units import Unit, as_unit
+from edgec.onnx.session import create_session, measure_session
 
 DEFAULT_DENSITIES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 DEFAULT_PATTERNS = ("channel",)
@@ -80,69 +83,10 @@ OPSET = 20
 
 # --- units ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Unit:
-    """A prunable unit: ``layers`` (producers), ``consumers`` and ``per_channel`` layers shrink together;
-    ``width`` prunable units (channels / hidden units / heads)."""
-
-    name: str
-    layers: tuple[str, ...]
-    width: int
-    consumers: tuple[str, ...] = ()
-    kind: str = "group"
-    per_channel: tuple[str, ...] = ()
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.layers + self.consumers + self.per_channel))
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "width": int(self.width), "layers": list(self.layers),
-                "consumers": list(self.consumers), "per_channel": list(self.per_channel)}
-
-
-def _names(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(str(x) for x in value)
-
-
-def as_unit(obj) -> Unit:
-    """Read a unit from a :class:`Unit`; a tuple ``(name, layers, width[, consumers[, per_channel]])``; a dict
-    with those keys; an ``edgec.prune.groups.Group`` (``producers``, ``consumers``, ``per_channel``, ``size``
-    units); or any object with ``name``/``layers``/``width`` attributes."""
-    if isinstance(obj, Unit):
-        return obj
-    get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
-    if isinstance(obj, (tuple, list)) and 3 <= len(obj) <= 5:
-        name, layers, width = obj[0], obj[1], obj[2]
-        consumers = obj[3] if len(obj) > 3 else ()
-        per_channel = obj[4] if len(obj) > 4 else ()
-        kind = "group"
-    elif get("producers") is not None and get("size") is not None:  # edgec.prune.groups.Group
-        name, layers, width = get("name"), get("producers"), get("size")
-        consumers, per_channel, kind = get("consumers"), get("per_channel"), get("kind") or "group"
-    elif get("name") is not None and get("layers") is not None and get("width") is not None:
-        name, layers, width = get("name"), get("layers"), get("width")
-        consumers, per_channel, kind = get("consumers"), get("per_channel"), get("kind") or "group"
-    else:
-        raise EdgecError(f"cannot read a prunable unit from {type(obj).__name__}: give (name, [layers], width"
-                         f"[, [consumers][, [per_channel]]]), a dict with those keys, or a channel Group")
-    try:
-        width = int(width)
-    except (TypeError, ValueError):
-        width = 0
-    layers = _names(layers)
-    if not name or width < 1 or not layers:
-        raise EdgecError(f"prunable unit {name!r}: needs a name, at least one layer and a width >= 1 (got {width})")
-    return Unit(str(name), layers, width, _names(consumers), str(kind), _names(per_channel))
-
 
 def group_units(model) -> list[Unit]:
-    """The prunable coupled-channel groups of ``model`` (``edgec.prune.groups``) as units."""
-    from edgec.prune.groups import find_groups
+    """The prunable coupled-channel groups of ``model`` (``edgec.analysis.groups``) as units."""
+    from edgec.analysis.groups import find_groups
 
     return [as_unit(g) for g in find_groups(model) if g.prunable]
 
@@ -165,81 +109,6 @@ def resolve_units(model, units, shapes: dict, layers: dict) -> list[Unit]:
 
 
 # --- shapes and inputs ------------------------------------------------------------------------------
-
-def resolve_shapes(spec, shapes=None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
-    """``{input name: shape}``: the spec's traced shapes with the batch axis set to ``batch`` (default 1),
-    overridden by ``shapes`` (a dict by name, or a sequence of shapes in input order). Checked against the
-    spec: rank, static axes, and the bounds of dynamic axes."""
-    batch = 1 if batch is None else int(batch)
-    if batch < 1:
-        raise EdgecError(f"batch must be >= 1, got {batch}")
-    out = {}
-    for t in spec.inputs:
-        shape = list(t.shape())
-        if t.dims and not isinstance(t.dims[0], int):
-            shape[0] = batch
-        out[t.name] = tuple(shape)
-    if shapes is None:
-        return out
-    if not isinstance(shapes, dict):
-        shapes = list(shapes)
-        if len(shapes) != len(spec.inputs):
-            raise EdgecError(f"the model takes {len(spec.inputs)} input(s) "
-                             f"({', '.join(t.name for t in spec.inputs)}), got {len(shapes)} shape(s)")
-        shapes = {t.name: s for t, s in zip(spec.inputs, shapes)}
-    unknown = [n for n in shapes if n not in out]
-    if unknown:
-        raise EdgecError(f"no model input named {', '.join(map(str, unknown))}; "
-                         f"inputs: {', '.join(t.name for t in spec.inputs)}")
-    for t in spec.inputs:
-        if t.name not in shapes:
-            continue
-        shape = tuple(int(d) for d in shapes[t.name])
-        if len(shape) != len(t.dims):
-            raise EdgecError(f"input '{t.name}' has {len(t.dims)} axes, the shape {list(shape)} has {len(shape)}")
-        for axis, (d, v) in enumerate(zip(t.dims, shape)):
-            if isinstance(d, int):
-                if v != d:
-                    raise EdgecError(f"input '{t.name}' axis {axis} is fixed at {d}, got {v}")
-            elif not d.min <= v <= d.max:
-                raise EdgecError(f"input '{t.name}' axis {axis} ({d.name}) must be in [{d.min}, {d.max}], got {v}")
-        out[t.name] = shape
-    return out
-
-
-def parse_input_shapes(spec, texts) -> dict[str, tuple[int, ...]] | None:
-    """CLI ``--input-shape`` values: ``NAME=1x200x40`` (or ``1,200,40``); the name may be left out for a
-    single-input model. Returns ``{name: shape}`` (checked by :func:`resolve_shapes`), or None for none."""
-    if not texts:
-        return None
-    names = [t.name for t in spec.inputs]
-    shapes = {}
-    for text in texts:
-        name, sep, dims = str(text).partition("=")
-        if not sep:
-            if len(names) != 1:
-                raise EdgecError(f"--input-shape '{text}': name the input (NAME=1x2x3); inputs: {', '.join(names)}")
-            name, dims = names[0], text
-        parts = [p for p in re.split(r"[x,×\s]+", dims.strip()) if p]
-        if not parts or not all(p.isdigit() for p in parts):
-            raise EdgecError(f"--input-shape '{text}': expected positive integers like 1x200x40")
-        shapes[name.strip()] = tuple(int(p) for p in parts)
-    resolve_shapes(spec, shapes)
-    return shapes
-
-
-def make_inputs(spec, shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs at ``shapes`` following the spec (float: normal; int: in ``[0, high)``, or ones for masks)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for t in spec.inputs:
-        shape = tuple(shapes[t.name])
-        if t.dtype == "int64":
-            feed[t.name] = (np.ones(shape, np.int64) if t.ones
-                            else rng.integers(0, t.high or 2, size=shape, dtype=np.int64))
-        else:
-            feed[t.name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
 
 
 # --- layers as the traced graph sees them -----------------------------------------------------------
@@ -525,7 +394,7 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
             patterns=DEFAULT_PATTERNS, *, warmup: int = 3, repeats: int = 15, min_seconds: float = 0.05,
             rounds: int = 2, dense_repeats: int = 30, dense_min_seconds: float = 0.3, seed: int = 0,
             dense_onnx=None, progress=None) -> dict:
-    """Measure a latency table (format: :mod:`edgec.latency.table`) for ``model`` (an ``edgec.graph.Model``).
+    """Measure a latency table (format: :mod:`edgec.latency.table`) for ``model`` (an ``edgec.core.graph.Model``).
 
     ``units``: None / "layers" (each Linear/Conv layer alone), "groups", or a list (see :func:`as_unit` and the
     module docstring). ``densities``: the
@@ -535,8 +404,6 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
     ``dense_onnx``: the model's ONNX (bytes/proto/path) if already exported, else ``to_onnx(model)``.
     ``progress``: optional callable taking a one-line message.
     """
-    from edgec.latency import table as table_mod
-
     if int(rounds) < 1:
         raise EdgecError(f"rounds must be >= 1, got {rounds}")
     say = progress or (lambda _msg: None)
@@ -549,7 +416,7 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
     feed = make_inputs(model.spec, shapes, seed)
 
     if dense_onnx is None:
-        from edgec.passes.export import to_onnx
+        from edgec.onnx.export import to_onnx
 
         say("exporting the dense model")
         dense_onnx = to_onnx(model)

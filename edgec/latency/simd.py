@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 DEFAULT_OPSET = 20
 

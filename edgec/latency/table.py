@@ -55,7 +55,11 @@ import os
 import re
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
+from edgec.latency.shapes import resolve_shapes
+from edgec.latency.simd import parse_pattern, pattern_name
+from edgec.latency.units import as_unit
+from edgec.onnx.session import machine_key
 
 FORMAT = "edgec.latency-table/1"
 MUST_MATCH = ("arch", "config_digest", "inputs")
@@ -79,8 +83,6 @@ def normalise_densities(densities) -> list[float]:
 
 
 def normalise_patterns(patterns) -> list[str]:
-    from edgec.latency.simd import parse_pattern, pattern_name
-
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
     out = []
@@ -111,8 +113,6 @@ def inputs_json(spec, shapes: dict) -> list[dict]:
 
 def table_key(model, threads: int, shapes: dict) -> dict:
     """The key of a table for ``model`` at ``shapes`` on this machine with ``threads``."""
-    from edgec.latency.measure import machine_key
-
     key = {k: v for k, v in machine_key(threads).items() if k != "usable_cores"}
     key.update({"arch": model.arch, "config_digest": config_digest(model),
                 "inputs": [{k: e[k] for k in ("name", "shape", "dtype")} for e in inputs_json(model.spec, shapes)]})
@@ -120,8 +120,6 @@ def table_key(model, threads: int, shapes: dict) -> dict:
 
 
 def table_request(units, densities, patterns) -> dict:
-    from edgec.latency.profile import as_unit
-
     return {"units": [as_unit(u).to_json() for u in units], "densities": normalise_densities(densities),
             "patterns": normalise_patterns(patterns)}
 
@@ -129,8 +127,6 @@ def table_request(units, densities, patterns) -> dict:
 def make_table(*, key: dict, request: dict, model, units: list, dense: dict, units_sum: float, overhead: float,
                inputs: list, protocol: dict, interactions: list | None = None) -> dict:
     from edgec import __version__
-    from edgec.latency.measure import machine_key
-
     return {
         "format": FORMAT,
         "key": key,
@@ -159,7 +155,7 @@ def dumps(table: dict) -> str:
 
 
 def save_table(table: dict, path: str | Path) -> Path:
-    from edgec.checkpoint import atomic_write
+    from edgec.core.fileio import atomic_write
 
     path = Path(path)
     if path.is_dir():
@@ -221,9 +217,6 @@ def check_table(table: dict, model=None, threads: int | None = None, shapes=None
     axis bounds), or units naming layers the model lacks. Returns warnings for runtime/CPU/thread differences
     (an error instead with ``strict``). ``machine``: this machine's key (default ``machine_key``).
     """
-    from edgec.latency.measure import machine_key
-    from edgec.latency.profile import resolve_shapes
-
     key = table["key"]
     errors, warnings = [], []
     if model is not None:
@@ -282,47 +275,6 @@ def load_table(path: str | Path, model=None, threads: int | None = None, shapes=
 
 
 # --- cache ------------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    root = os.environ.get("EDGEC_CACHE")
-    return Path(root) / "latency" if root else Path.cwd() / ".cache" / "edgec" / "latency"
-
-
-def cache_path(key: dict, request: dict, folder: str | Path | None = None) -> Path:
-    digest = hashlib.sha256(_canonical({"key": key, "request": request}).encode()).hexdigest()[:20]
-    arch = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key.get("arch", "model")))[:40]
-    return (Path(folder) if folder is not None else cache_dir()) / f"{arch}-{digest}.json"
-
-
-def cached(model, threads: int = 1, shapes=None, *, batch: int = 1, units=None, densities=None, patterns=None,
-           refresh: bool = False, folder: str | Path | None = None, progress=None, **profile_options) -> dict:
-    """The latency table for ``model`` at ``shapes``/``batch`` with ``threads`` on this machine: read from the
-    cache when one with the identical key and request exists (``_cache.hit``), else profiled
-    (:func:`edgec.latency.profile.profile`, ``profile_options`` passed on) and stored atomically.
-    The returned dict has ``_cache = {"hit": bool, "path": str}`` (not written to files)."""
-    from edgec.latency import profile as profile_mod
-
-    densities = profile_mod.DEFAULT_DENSITIES if densities is None else densities
-    patterns = profile_mod.DEFAULT_PATTERNS if patterns is None else patterns
-    shapes = profile_mod.resolve_shapes(model.spec, shapes, batch)
-    layers = profile_mod.trace_layers(model, shapes)
-    units = profile_mod.resolve_units(model, units, shapes, layers)
-    key = table_key(model, threads, shapes)
-    request = table_request(units, densities, patterns)
-    path = cache_path(key, request, folder)
-    if not refresh and path.is_file():
-        try:
-            table = read_table(path)
-            if table["key"] == key and table["request"] == request:
-                table["_cache"] = {"hit": True, "path": str(path)}
-                return table
-        except EdgecError:
-            pass  # a damaged cache entry is measured again and overwritten
-    table = profile_mod.profile(model, units=units, densities=densities, threads=threads, shapes=shapes,
-                                patterns=patterns, progress=progress, **profile_options)
-    save_table(table, path)
-    table["_cache"] = {"hit": False, "path": str(path)}
-    return table
 
 
 # --- reading a table for people -----------------------------------------------------------------------

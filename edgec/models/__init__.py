@@ -4,7 +4,7 @@ Each zoo class follows one convention so checkpoints can rebuild it from data al
 
 * ``Class.default_config() -> dict`` of JSON-serialisable constructor kwargs;
 * ``Class(**config)`` builds the model;
-* ``model.input_spec() -> edgec.spec.InputSpec`` declares inputs (names, shapes, dtypes, dynamic axes);
+* ``model.input_spec() -> edgec.core.spec.InputSpec`` declares inputs (names, shapes, dtypes, dynamic axes);
 * ``Class.summary`` is a one-line description for ``edgec zoo list``.
 
 User architectures outside the zoo follow the same convention and are named ``package.module:Class``.
@@ -24,7 +24,7 @@ ZOO: dict[str, str] = {
 
 def resolve(arch: str):
     """Return the class for a zoo name or an explicit ``package.module:Class``."""
-    from edgec.errors import EdgecError
+    from edgec.core.errors import EdgecError
 
     target = ZOO.get(arch)
     if target is None:
@@ -44,7 +44,7 @@ def resolve(arch: str):
 
 def full_config(arch: str, overrides: dict | None = None) -> dict:
     """Defaults merged with overrides; unknown keys are refused so typos do not pass silently."""
-    from edgec.errors import EdgecError
+    from edgec.core.errors import EdgecError
 
     config = dict(resolve(arch).default_config())
     for key, value in (overrides or {}).items():
@@ -56,7 +56,7 @@ def full_config(arch: str, overrides: dict | None = None) -> dict:
 
 def build(arch: str, config: dict):
     """Instantiate an architecture (eval mode); a config the class rejects is bad input, not a crash."""
-    from edgec.errors import EdgecError, first_line
+    from edgec.core.errors import EdgecError, first_line
 
     cls = resolve(arch)
     try:

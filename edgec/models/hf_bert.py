@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 # transformers.BertConfig defaults, used for keys a config.json leaves out.
 HF_DEFAULTS = {

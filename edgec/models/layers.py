@@ -122,7 +122,7 @@ def positional_encoding(kind: str, d_model: int, max_len: int = 2048) -> nn.Modu
 
 def speech_input_spec(n_mels: int, *, time_min: int = 16, time_max: int = 2048, extra: dict | None = None):
     """The shared spec of the speech zoo: ``features`` (batch, time, n_mels) float32 log-mel -> ``logits``."""
-    from edgec.spec import Dim, InputSpec, TensorSpec
+    from edgec.core.spec import Dim, InputSpec, TensorSpec
 
     batch = Dim("batch", example=2, alt=3, min=1, max=1024)
     time = Dim("time", example=200, alt=137, min=time_min, max=time_max)

@@ -67,7 +67,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def input_spec(self):
-        from edgec.spec import Dim, InputSpec, TensorSpec
+        from edgec.core.spec import Dim, InputSpec, TensorSpec
 
         s = self.image_size
         batch = Dim("batch", example=2, alt=3, min=1, max=1024)

@@ -1,1 +1,1 @@
-"""Passes: one file each, pure ``Model -> Model`` functions (see edgec.manager)."""
+"""Passes: one file each, pure ``Model -> Model`` functions (see edgec.core.pass_manager)."""

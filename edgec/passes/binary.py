@@ -10,7 +10,7 @@ initialised from the layer's weight) and computes with::
 straight-through: ∂W_b/∂W = α · 1[|W| <= ``clip``] (default 1, the BinaryConnect/XNOR clip) plus the
 scale term through α (autograd: ∂α/∂W = sign(W)/n). The bias stays a real parameter. With
 ``activations="binary"`` the layer input goes through sign(x) ∈ {−1, 1} (STE, gradient zero where |x| > 1;
-``edgec.lowbit.binary_act``); otherwise inputs stay real (binary weights, real activations: choice).
+``edgec.layers.lowbit.binary_act``); otherwise inputs stay real (binary weights, real activations: choice).
 
 **The latent path.** In training mode (``module.training``) each binary layer also computes the real
 output ``y_r = layer(x; W)`` (real input x, real latent W, same bias) next to the binary output
@@ -52,9 +52,9 @@ import contextlib
 import torch
 from torch import nn
 
-from edgec.errors import EdgecError
-from edgec.lowbit import quantize_act
-from edgec.manager import Pass
+from edgec.core.errors import EdgecError
+from edgec.layers.lowbit import quantize_act
+from edgec.core.pass_manager import Pass
 from edgec.passes.lowbit_common import LatentLayer, LowBitFoldPass, LowBitScaffoldPass, as_float, sign_pm
 
 EPS = 1e-8

@@ -8,7 +8,7 @@ convolution or linear layer ``x = W u + b`` whose output feeds nothing else, the
     b* = (b − μ) · s + β
 
 (Ioffe & Szegedy 2015 for BatchNorm; the folding is the standard deployment identity, cf.
-``torch.nn.utils.fusion``.) A low-bit layer (``edgec.lowbit``) folds too without leaving its code book:
+``torch.nn.utils.fusion``.) A low-bit layer (``edgec.layers.lowbit``) folds too without leaving its code book:
 its weight is ``scale · codes + shift`` per output-channel group, so multiplying ``scale`` and ``shift``
 by the per-channel ``s`` keeps the codes unchanged. The pass matches ``call_module`` Conv{1,2,3}d/Linear → BatchNorm{1,2,3}d in
 the traced graph, requires the BatchNorm to have running statistics, and for Linear → BatchNorm1d
@@ -22,9 +22,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from edgec.graph import Model, set_submodule, verify_equivalent
-from edgec.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
-from edgec.manager import Pass, PassResult
+from edgec.core.graph import Model, set_submodule, verify_equivalent
+from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
+from edgec.core.pass_manager import Pass, PassResult
 
 TOLERANCE = 1e-5
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

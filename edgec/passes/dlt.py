@@ -37,10 +37,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgec.manager import Pass
+from edgec.core.pass_manager import Pass
 from edgec.passes.lowbit_common import (LatentLayer, LowBitFoldPass, LowBitScaffoldPass, as_choice, as_float, as_int,
                                         effective_group_size, group_mean)
-from edgec.lowbit import expand_groups, n_groups
+from edgec.layers.lowbit import expand_groups, n_groups
 
 TWN_FACTOR = 0.7
 

@@ -70,9 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from edgec.errors import EdgecError
-from edgec.graph import Model, Scaffold, set_submodule, verify_equivalent
-from edgec.manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, Scaffold, set_submodule, verify_equivalent
+from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
 
 TOLERANCE = 1e-5
 SUFFIX = "_hrf"

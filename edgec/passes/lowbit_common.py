@@ -13,7 +13,7 @@ ternarising them saves little, but they are allowed), in graph order, each modul
 
 * ``keep_first_last`` (default True, as STTN's reference): the first weight layer in graph order and the
   last linear layer (the classifier) stay full precision. "Weight layer" counts selectable layers and
-  layers already made low-bit (edgec scaffolds and ``edgec.lowbit`` deploy layers), so scaffolding in two
+  layers already made low-bit (edgec scaffolds and ``edgec.layers.lowbit`` deploy layers), so scaffolding in two
   steps (two include sets) keeps the same first and last layer. On BERT-like encoders whose first layer
   is an attention projection, that projection is the one kept; use ``exclude`` for finer control.
 * ``include`` / ``exclude``: fnmatch globs (case-sensitive, ``*`` also matches dots) over module names;
@@ -25,8 +25,8 @@ No layer chosen -> ``PreconditionError`` (one line, naming a few candidates).
 distillation by block name and the graph are unchanged) by a :class:`LatentLayer` leaf: a Scaffold that
 keeps the layer's geometry and real bias, quantizes its input when asked (``act``), and computes its
 weight from latent parameters. Its ``quantized()`` gives ``(codes, scale, shift)`` in the exact layout of
-``edgec.lowbit``; in eval mode the forward uses ``codes · scale (+ shift)`` computed with the same tensor
-operations as ``_LowBit.dequantized``, so the fold is exact (the measured error is 0). In training the
+``edgec.layers.lowbit``; in eval mode the forward uses ``codes · scale (+ shift)`` computed with the same tensor
+operations as ``LowBitLayer.dequantized``, so the fold is exact (the measured error is 0). In training the
 straight-through terms are added as ``(v − v.detach()) · mask``, which is exactly 0 in value, so the
 training forward uses the same quantized weight and only the gradients differ.
 
@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.errors import EdgecError
-from edgec.graph import Model, Scaffold, set_submodule, verify_equivalent
-from edgec.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, _LowBit, expand_groups, group_view, quantize_act
-from edgec.manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, Scaffold, set_submodule, verify_equivalent
+from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, LowBitLayer, expand_groups, group_view, quantize_act
+from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
 
 TOLERANCE = 1e-5
 SELECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -93,7 +93,7 @@ def as_int(value, pass_name: str, what: str, *, minimum: int | None = None) -> i
 # -------------------------------------------------------------------------------------------- selection
 
 def _is_lowbit_layer(m: nn.Module) -> bool:
-    return isinstance(m, (LatentLayer, _LowBit))
+    return isinstance(m, (LatentLayer, LowBitLayer))
 
 
 def _tied_modules(gm: nn.Module) -> set[str]:
@@ -240,7 +240,7 @@ class LatentLayer(Scaffold):
 
     def dequantize(self, codes2d: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
                    group_size: int) -> torch.Tensor:
-        """``codes · scale (+ shift)`` with exactly the operations of ``_LowBit.dequantized``."""
+        """``codes · scale (+ shift)`` with exactly the operations of ``LowBitLayer.dequantized``."""
         w = codes2d * expand_groups(scale, self.fan_in, group_size)
         if shift is not None:
             w = w + expand_groups(shift, self.fan_in, group_size)
@@ -260,7 +260,7 @@ class LatentLayer(Scaffold):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(quantize_act(x, self.act), self.weight_hat().reshape(self.weight_shape))
 
-    def to_lowbit(self, fill: bool = True) -> _LowBit:
+    def to_lowbit(self, fill: bool = True) -> LowBitLayer:
         """The deploy layer with this geometry; ``fill``: copy codes/scale/shift/bias (else structure only)."""
         spec = self.lowbit_spec()
         bias = self.bias is not None

@@ -1,6 +1,6 @@
 """``prune.channels``: physically remove channels / hidden units / attention heads (structural pass).
 
-Which rows and columns go together comes from the coupled-channel analysis (:mod:`edgec.prune.groups`):
+Which rows and columns go together comes from the coupled-channel analysis (:mod:`edgec.analysis.groups`):
 each group lists its producers (output rows sliced, with their bias), consumers (input columns sliced),
 per-channel layers (BatchNorm weight/bias/running stats, depthwise convs: their channels follow) and the
 ``view``/``reshape`` size literals that count its units (attention head counts; ``H·dh`` widths).
@@ -12,11 +12,11 @@ record on freshly initialised weights (checkpoint load) reproduces exactly the s
 not named keep every unit. :meth:`PruneChannels.from_counts` (``{group: number to keep}``) and
 :meth:`PruneChannels.from_fraction` choose the indices by importance (L2 norm of the producer rows summed
 over coupled producers) and return a pass with explicit indices. Asking to remove units of an unprunable group
-is an :class:`~edgec.errors.EdgecError` naming the node that blocks it; at least one unit of a group is kept.
+is an :class:`~edgec.core.errors.EdgecError` naming the node that blocks it; at least one unit of a group is kept.
 
 **Check.** Pruning changes the function, so the pass cannot verify equivalence with its input. It verifies the
 strongest property that holds instead: the pruned model equals its input with the removed units *zeroed*
-(producer rows and biases, BatchNorm γ/β, depthwise kernels; :func:`edgec.prune.groups.zero_channels`), at
+(producer rows and biases, BatchNorm γ/β, depthwise kernels; :func:`edgec.analysis.groups.zero_channels`), at
 the traced and alternative shapes (relative error ≤ 1e-5). This holds when every pruned group is
 ``zero_exact`` (the ops between producer and consumer map 0 to 0); otherwise the check is recorded as skipped
 with the groups that prevented it.
@@ -28,10 +28,10 @@ import copy
 import torch
 from torch import nn
 
-from edgec.errors import EdgecError
-from edgec.graph import Model, set_submodule, verify_equivalent
-from edgec.manager import Pass, PassResult
-from edgec.prune.groups import analyse, keep_from_counts, resolve_keep, zero_channels
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model, set_submodule, verify_equivalent
+from edgec.core.pass_manager import Pass, PassResult
+from edgec.analysis.groups import analyse, keep_from_counts, resolve_keep, zero_channels
 
 TOLERANCE = 1e-5
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

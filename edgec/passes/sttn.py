@@ -17,7 +17,7 @@ the XNOR-style scale term ∂α/∂W_k = sign(W_k)/(2n). The bias stays a real p
 
 Ternary activations (``activations="ternary"``, optional): the input of every selected layer goes through
 a(x) = ½(sign(x − ½) + sign(x + ½)) ∈ {−1, 0, 1}, STE gradient zero where |x| > 1
-(``edgec.lowbit.ternary_act``). The first layer is kept full precision by default (``keep_first_last``),
+(``edgec.layers.lowbit.ternary_act``). The first layer is kept full precision by default (``keep_first_last``),
 so raw inputs stay real.
 
 **Initialisation (choice, ``seed``).** From a trained weight W, per output channel o:
@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgec.manager import Pass
+from edgec.core.pass_manager import Pass
 from edgec.passes.lowbit_common import (LatentLayer, LowBitFoldPass, LowBitScaffoldPass, as_float, as_int, group_mean,
                                         sign_pm)
 

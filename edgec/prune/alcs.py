@@ -1,6 +1,6 @@
 """ALCS latency-constrained allocation and ADMM (arXiv 2109.00170; the math is in ``METHODS.md``).
 
-**Units and options.** A prunable coupled-channel group (:mod:`edgec.prune.groups`) is one unit of the latency
+**Units and options.** A prunable coupled-channel group (:mod:`edgec.analysis.groups`) is one unit of the latency
 table (``edgec.latency.profile.group_units``: same name, ``width`` = the group's ``size``). Each unit can be
 pruned under one pattern:
 
@@ -24,7 +24,7 @@ blocks channels, so 24 → 20 channels may save nothing while 20 → 16 saves a 
 stall in front of them. Moves that save nothing are never taken. Then an *add-back* pass restores the most
 important removed unit of any group whose restoration keeps ``T`` within the target (this climbs back up
 plateaus the chunked moves overshot). The result never exceeds the target per the latency model; when no
-sequence of moves reaches it, :func:`allocate` raises an :class:`~edgec.errors.EdgecError` with
+sequence of moves reaches it, :func:`allocate` raises an :class:`~edgec.core.errors.EdgecError` with
 ``exit_code = EXIT_INFEASIBLE`` and the fastest reachable estimate.
 
 **ADMM** (:func:`admm`): variables are the producer weights ``W`` of every unit of the table. W-step: one epoch
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 EXIT_INFEASIBLE = 4  # the budget is below what the latency table says is reachable
 EXIT_BUDGET_MISSED = 5  # the exported model still measured over the budget after the retries
@@ -355,7 +355,7 @@ def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: 
     ``exit_code = EXIT_INFEASIBLE`` when the target cannot be reached on the table's measured grid.
     """
     from edgec.latency.table import normalise_patterns
-    from edgec.prune.groups import analyse
+    from edgec.analysis.groups import analyse
 
     lm = _latency_model(table)
     analysis = analysis or analyse(model)
@@ -465,7 +465,7 @@ def project(weights: dict[str, torch.Tensor], analysis, allocation: Allocation, 
     """``Z``: a copy of ``weights`` ({producer module: weight}) with every dropped unit's rows (channel; embedding
     columns) and every dropped 1×N vector (SIMD masks of ``allocation``) set to zero."""
     from edgec.latency import simd as simd_mod
-    from edgec.prune.groups import resolve_keep
+    from edgec.analysis.groups import resolve_keep
 
     z = {k: v.detach().clone() for k, v in weights.items()}
     keep_idx = resolve_keep(analysis, allocation.keep) if allocation.keep else {}
@@ -513,8 +513,8 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
     """ALCS ADMM on a copy of ``model`` (module docstring). ``data``: an ``edgec.data.DataBundle``. Returns the
     trained (still dense) model, the final allocation on its weights, and per-round history (task loss,
     ‖W − Z‖ / ‖W‖, estimate). The caller applies the hard mask (``prune.channels``) and fine-tunes."""
-    from edgec.prune.groups import analyse
-    from edgec.train.loop import _preflight, collate
+    from edgec.analysis.groups import analyse
+    from edgec.train.loop import preflight, collate
     from edgec.train.losses import first_output, task_loss
 
     say = progress or (lambda _m: None)
@@ -531,7 +531,7 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
     analysis = analyse(student)
     groups = table_groups(lm, analysis)
     train_ds = data.split("train")
-    _preflight(student, data, data.split("val") if data.has_split("val") else train_ds, torch.device("cpu"), "model")
+    preflight(student, data, data.split("val") if data.has_split("val") else train_ds, torch.device("cpu"), "model")
     modules = dict(gm.named_modules())
     names = list(dict.fromkeys(n for g in groups for n in producer_names(g)))
     params = {n: modules[n].weight for n in names}

@@ -1,11 +1,11 @@
 """``prune_file``: what ``edgec prune MODEL --latency-ms B`` runs (ALCS under a measured latency budget).
 
 1. Load the checkpoint; export it in memory and **measure** its median latency in onnxruntime (the protocol of
-   :mod:`edgec.latency.measure`, at ``threads`` and inputs of the spec's example shape with batch ``batch``).
+   :mod:`edgec.onnx.session`, at ``threads`` and inputs of the spec's example shape with batch ``batch``).
    ``latency_ratio`` budgets are relative to this measurement.
 2. The latency table: ``table`` (a file, e.g. measured on the target device; checked against the model, batch
    and input shapes), else the cached/profiled table of the model's prunable channel groups on this machine
-   (:func:`edgec.latency.table.cached`, ``units="groups"``; patterns ``channel`` plus ``simd:N`` when asked).
+   (:func:`edgec.latency.cache.cached`, ``units="groups"``; patterns ``channel`` plus ``simd:N`` when asked).
 3. Calibration. Table and measurement disagree a little (drift, load): ``scale = table dense / measured dense``
    converts local ms to table ms. A budget in ms is local ms when the table was measured on this machine, and
    *device* ms when the table was measured elsewhere (``load_warnings``: other CPU/runtime/threads); then the
@@ -18,7 +18,7 @@
    rounds) whose last allocation gives the kept units; the hard mask is the structural pass
    ``prune.channels`` (physically smaller; it verifies pruned == masked original); with ``data`` a short
    fine-tune (:func:`edgec.train.finetune`, ``finetune_epochs``, keep-best on val); then the verified export
-   (:func:`edgec.passes.export.export`) is measured. A measured median over the local budget is measured once
+   (:func:`edgec.onnx.export.export`) is measured. A measured median over the local budget is measured once
    more (the lower median counts: load from other processes only adds time; both runs are recorded). Over
    budget: the target is tightened by the measured/estimated ratio (at least 2 %; further until the structure
    changes) and the next attempt starts from the dense model. Without ``data`` the pruning is one-shot by
@@ -42,7 +42,7 @@ import os
 import time
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.prune.alcs import EXIT_BUDGET_MISSED, EXIT_INFEASIBLE
 
 PRUNE_VERSION = 1
@@ -98,7 +98,7 @@ def _load_bundle(data, model, data_options):
 def measure(onnx_bytes, feed, threads: int, over: float | None = None, options: dict | None = None) -> dict:
     """Median latency of ``onnx_bytes`` (``MEASURE`` protocol). When ``over`` is given and the first median exceeds
     it, measure once more and keep the lower median (interference from other processes only adds time)."""
-    from edgec.latency.measure import measure_onnx
+    from edgec.onnx.session import measure_onnx
 
     opts = dict(MEASURE, **(options or {}))
     first = measure_onnx(onnx_bytes, feed, threads=threads, **opts)
@@ -168,18 +168,6 @@ def _key_summary(table: dict, source: str) -> dict:
             "remainder_ms": table["remainder_ms"]}
 
 
-def _finetune_record(model, result_model, report, params: dict) -> dict:
-    monitor = report["monitor"]
-    record = {"pass": "finetune", "version": 1, "params": params, "input_digest": model.digest(),
-              "metrics": {"best_epoch": report["best_epoch"], "monitor": monitor, "val": report["best"],
-                          "steps": report["steps"],
-                          "history": [{"epoch": h["epoch"], "train_loss": h["train_loss"],
-                                       f"val_{monitor}": h["val"][monitor], "val_loss": h["val"]["loss"]}
-                                      for h in report["history"]]},
-              "checks": {}}
-    record["output_digest"] = result_model.digest()
-    return record
-
 
 # ------------------------------------------------------------------------------------------- main
 
@@ -203,17 +191,19 @@ def prune_file(model_path, output, *, latency_ms: float | None = None, latency_r
     (default ``edgec.latency.profile.DEFAULT_DENSITIES``); ``profile_options`` / ``measure_options``: passed to
     the profiler / the measurement protocol. ``progress``: callable taking one-line messages.
     """
-    from edgec.api import check_output
-    from edgec.checkpoint import load_checkpoint, save_checkpoint
+    from edgec.core.fileio import check_output
+    from edgec.models.checkpoint import load_checkpoint, save_checkpoint
     from edgec.latency import simd as simd_mod
     from edgec.latency import table as tab
     from edgec.latency.model import LatencyModel
-    from edgec.latency.profile import DEFAULT_DENSITIES, make_inputs, parse_input_shapes, resolve_shapes
-    from edgec.manager import PassManager
-    from edgec.passes.export import export, refuse_scaffolds, to_onnx
+    from edgec.latency.profile import DEFAULT_DENSITIES
+    from edgec.latency.shapes import make_inputs, parse_input_shapes, resolve_shapes
+    from edgec.latency.cache import cached as cached_table
+    from edgec.core.pass_manager import PassManager
+    from edgec.onnx.export import export, refuse_scaffolds, to_onnx
     from edgec.passes.prune_channels import PruneChannels
     from edgec.prune import alcs
-    from edgec.prune.groups import analyse
+    from edgec.analysis.groups import analyse
 
     t_start = time.perf_counter()
     say = progress or (lambda _m: None)
@@ -255,7 +245,7 @@ def prune_file(model_path, output, *, latency_ms: float | None = None, latency_r
                          f"(profile with patterns channel,{pattern})")
     else:
         say("profiling the channel groups (cached when the key matches)")
-        T = tab.cached(model, threads, shapes, batch=batch, units="groups",
+        T = cached_table(model, threads, shapes, batch=batch, units="groups",
                        densities=DEFAULT_DENSITIES if densities is None else densities, patterns=patterns,
                        progress=lambda m: say(f"profile: {m}"), dense_onnx=dense_proto, **(profile_options or {}))
         source = "cache" if T.get("_cache", {}).get("hit") else "profiled"
@@ -354,12 +344,13 @@ def prune_file(model_path, output, *, latency_ms: float | None = None, latency_r
         pm = PassManager([PruneChannels(keep=alloc.keep)])
         pruned, records = pm(work)
         if bundle is not None and alloc.choice and int(finetune_epochs) > 0:
-            from edgec.train import finetune
+            from edgec.train.loop import finetune
+            from edgec.train.record import finetune_record
 
             say(f"fine-tuning the pruned model ({finetune_epochs} epoch(s))")
             tuned, report = finetune(pruned, bundle, epochs=int(finetune_epochs), lr=float(lr),
                                      batch_size=int(batch_size), seed=int(seed))
-            ft_record = _finetune_record(pruned, tuned, report, {
+            ft_record = finetune_record(pruned.digest(), tuned, report, {
                 "epochs": int(finetune_epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
                 "data": data_label, "data_digest": getattr(bundle, "digest", None), "after": "prune.channels"})
             tuned.provenance = list(pruned.provenance) + [ft_record]

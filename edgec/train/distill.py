@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 EPS = 1e-8
 
@@ -277,12 +277,12 @@ def _stored_digest(path: Path) -> str | None:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - not a (zip) torch file: fall back to the checked reader
         try:
-            from edgec.checkpoint import read_data
+            from edgec.core.fileio import read_data
 
             obj = read_data(path)
         except EdgecError:
             return None
-    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.models.checkpoint/"):
         d = obj.get("digest")
         return d if isinstance(d, str) else None
     return None

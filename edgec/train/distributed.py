@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.train import distributed as D
+from edgec.train.record import finetune_record
 
-FINETUNE_VERSION = 1
-DISTILL_FIELDS = ("train_task_loss", "train_kd_loss", "train_off_loss", "train_real_loss", "train_binary_aux_loss")
 
 
 def data_name(source) -> str:
@@ -36,7 +35,7 @@ def data_name(source) -> str:
 
 def _load_teacher(path, arch):
     """The teacher checkpoint; a user architecture is allowed when it is the student's (``arch``)."""
-    from edgec.checkpoint import load_checkpoint
+    from edgec.models.checkpoint import load_checkpoint
 
     try:
         return load_checkpoint(path)
@@ -89,7 +88,8 @@ def finetune_file(
     ``off_weight``, ``off_layers`` and ``binary_weights`` are passed to :func:`edgec.train.loop.finetune`;
     "logits"/"off" without ``teacher`` look the teacher up by digest (module docstring).
     """
-    from edgec.checkpoint import check_output, load_checkpoint, save_checkpoint
+    from edgec.models.checkpoint import load_checkpoint, save_checkpoint
+    from edgec.core.fileio import check_output
     from edgec.data import load_data
     from edgec.train.distill import find_teacher, scaffold_sources
     from edgec.train.loop import DISTILL_MODES, finetune
@@ -149,25 +149,8 @@ def finetune_file(
                                        f"from (digest {sources[0][:12]}…)")
         if dinfo["binary_weights"] is not None:
             params["binary_weights"] = dinfo["binary_weights"]
-        monitor = report["monitor"]
-        record = {
-            "pass": "finetune",
-            "version": FINETUNE_VERSION,
-            "params": params,
-            "input_digest": report["fingerprint"]["model"],
-            "metrics": {
-                "best_epoch": report["best_epoch"],
-                "monitor": monitor,
-                "val": report["best"],
-                "steps": report["steps"],
-                "history": [{"epoch": h["epoch"], "train_loss": h["train_loss"], f"val_{monitor}": h["val"][monitor],
-                             "val_loss": h["val"]["loss"]} | {k: h[k] for k in DISTILL_FIELDS if k in h}
-                            for h in report["history"]],
-            },
-            "checks": {},
-        }
+        record = finetune_record(report["fingerprint"]["model"], best, report, params)
         best.provenance = list(best.provenance) + [record]
-        record["output_digest"] = best.digest()
 
         written = False
         if info.is_main:
@@ -189,7 +172,7 @@ def finetune_file(
         "task": data.task,
         "classes": data.classes,
         "best_epoch": report["best_epoch"],
-        "monitor": monitor,
+        "monitor": report["monitor"],
         "best": report["best"],
         "history": report["history"],
         "steps": report["steps"],

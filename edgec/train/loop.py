@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from edgec.errors import EdgecError
-from edgec.graph import Model
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model
 from edgec.train import distill as DS
 from edgec.train import distributed as D
 from edgec.train.losses import FeatureTap, combined_loss, first_output, task_loss
@@ -114,7 +114,7 @@ def _args(x) -> tuple:
 def evaluate(gm: torch.nn.Module, ds: Dataset, task: str, num_classes: int | None, batch_size: int,
              device: torch.device) -> dict:
     """Val metrics in eval mode: classification accuracy/uar/macro_f1, regression ccc/mae, plus ``loss``."""
-    from edgec.metrics import classification_metrics, regression_metrics
+    from edgec.core.metrics import classification_metrics, regression_metrics
 
     gm.eval()
     preds, targets = [], []
@@ -148,7 +148,7 @@ def is_better(score: float, loss: float, best: dict | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) -> None:
+def preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) -> None:
     """Run two val examples through the model: clear errors for wrong input shapes or output widths."""
     x, _ = collate(ds, list(range(min(2, len(ds)))))
     gm = model.gm
@@ -363,13 +363,13 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
     start_digest = model.digest()
     student = model.clone()
     gm = student.gm.to(dev)
-    _preflight(student, data, val_ds, dev, "model")
+    preflight(student, data, val_ds, dev, "model")
     tgm = None
     if teacher is not None:
         tmodel = teacher.clone()
         tgm = tmodel.gm.to(dev).eval()
         tgm.requires_grad_(False)
-        _preflight(tmodel, data, val_ds, dev, "teacher")
+        preflight(tmodel, data, val_ds, dev, "teacher")
 
     notes: list[str] = []
     # OFF: feature-extraction copies of the student and the teacher graph (sharing their modules).
@@ -455,7 +455,7 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
             if len(state["rng"]) != info.world_size:
                 raise EdgecError(f"cannot resume from {resume_file}: it holds {len(state['rng'])} process states, "
                                  f"this run has {info.world_size}")
-            from edgec.checkpoint import load_state_dict_strict
+            from edgec.models.checkpoint import load_state_dict_strict
 
             load_state_dict_strict(gm, state["state_dict"], resume_file)
             optimizer.load_state_dict(state["optimizer"])

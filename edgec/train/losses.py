@@ -20,7 +20,7 @@ import fnmatch
 import torch
 import torch.nn.functional as F
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 def first_output(out) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The resume file: everything needed to continue a fine-tuning run exactly where it stopped.
 
 Written after every completed epoch by rank 0 (``torch.save`` to memory, then
-:func:`edgec.checkpoint.atomic_write`: an interrupted write leaves the previous file intact) and read
+:func:`edgec.models.checkpoint.atomic_write`: an interrupted write leaves the previous file intact) and read
 with ``torch.load(weights_only=True)``. It holds only tensors and plain containers::
 
     {"format": "edgec.resume/1",
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.checkpoint import atomic_write, read_data, serialize
-from edgec.errors import EdgecError
+from edgec.core.fileio import atomic_write, read_data, serialize
+from edgec.core.errors import EdgecError
 
 FORMAT = "edgec.resume/1"
 REQUIRED = ("fingerprint", "epoch", "step", "state_dict", "best", "optimizer", "scheduler", "history", "rng")

@@ -2,13 +2,13 @@
 
 Whatever the file -- a checkpoint (``.pt``) at any stage of the pipeline or an exported ``.onnx`` -- the
 same data split is read the same way, fed in the same batches, and scored with the same metrics
-(``edgec.metrics``): accuracy (= WA), UAR and macro-F1 for classification, CCC and MAE (and RMSE) for
+(``edgec.core.metrics``): accuracy (= WA), UAR and macro-F1 for classification, CCC and MAE (and RMSE) for
 regression, plus the mean loss (cross-entropy from the logits; MSE for regression). So a row for
 ``base.pt``, ``folded.pt``, ``small.pt`` and ``small.onnx`` in one table is a fair comparison.
 
 * Predictions: a checkpoint runs in torch (eval mode, ``Model.run``); an ONNX file runs in onnxruntime
-  with the session options of ``edgec.latency.measure`` (the deployed behaviour, optimisations on).
-* Latency: always measured in onnxruntime with ``edgec.latency.measure`` (median of repeated runs after
+  with the session options of ``edgec.onnx.session`` (the deployed behaviour, optimisations on).
+* Latency: always measured in onnxruntime with ``edgec.onnx.session`` (median of repeated runs after
   warm-up) on the first ``latency_batch`` items of the evaluated split. A checkpoint is exported to
   ONNX in memory for this (not verified, nothing written); one that still carries training scaffolds
   cannot be exported, so its latency is ``None`` with the reason in ``latency_note`` (metrics are still
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -239,12 +239,12 @@ def predict(runner, dataset, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.n
 
 def score(outputs: np.ndarray, targets: np.ndarray, task: str, num_classes: int | None,
           notes: list | None = None) -> tuple[dict, list]:
-    """Metrics (``edgec.metrics``) plus mean loss; returns (metrics, predictions as plain values).
+    """Metrics (``edgec.core.metrics``) plus mean loss; returns (metrics, predictions as plain values).
 
     A classifier with more outputs than the data has classes is scored over its own classes (the
     extra ones count as errors when predicted, and a note says so); fewer outputs is an error.
     """
-    from edgec.metrics import classification_metrics, regression_metrics
+    from edgec.core.metrics import classification_metrics, regression_metrics
 
     if task == "classification":
         if outputs.ndim != 2:
@@ -386,7 +386,7 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
     if is_onnx:
         data, proto = _onnx_file(path)
         target = (data, proto)
-        from edgec.passes.export import read_provenance
+        from edgec.onnx.export import read_provenance
 
         try:
             prov = read_provenance(proto)
@@ -395,7 +395,7 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
         config = (prov or {}).get("config") or {}
         records = (prov or {}).get("passes") or []
     else:
-        from edgec.checkpoint import load_checkpoint
+        from edgec.models.checkpoint import load_checkpoint
 
         target = load_checkpoint(path, arch=arch)
         config = target.config or {}
@@ -427,12 +427,12 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
                    threads: int = 1, latency_batch: int = 1, latency: bool = True, ort_config: dict | None = None,
                    warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
                    return_predictions: bool = False, progress=None) -> dict:
-    """The protocol on an already loaded target: an ``edgec.graph.Model``, ONNX bytes, or ``(bytes, ModelProto)``.
+    """The protocol on an already loaded target: an ``edgec.core.graph.Model``, ONNX bytes, or ``(bytes, ModelProto)``.
 
     Reusable by training/pruning code that wants the same numbers as ``edgec eval`` without files.
     """
-    from edgec.graph import Model
-    from edgec.latency.measure import create_session, machine_key, measure_session
+    from edgec.core.graph import Model
+    from edgec.onnx.session import create_session, machine_key, measure_session
 
     if int(threads) < 1:
         raise EdgecError(f"threads must be >= 1, got {threads}")
@@ -467,7 +467,7 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
             latency_note = (f"not exportable: {len(scaffolds)} unfolded training scaffold(s) "
                             f"({', '.join(sorted({m.kind for _, m in scaffolds}))}); run `edgec fold` first")
         else:
-            from edgec.passes.export import to_onnx
+            from edgec.onnx.export import to_onnx
 
             _say(progress, "exporting to ONNX in memory for latency")
             try:
@@ -489,7 +489,7 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
                 raise EdgecError(f"not a readable ONNX model ({type(exc).__name__})") from None
         else:
             data, proto = target
-        from edgec.passes.export import read_provenance
+        from edgec.onnx.export import read_provenance
 
         try:
             prov = read_provenance(proto) or {}

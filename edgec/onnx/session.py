@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 DEFAULT_WARMUP = 5
 DEFAULT_REPEATS = 30

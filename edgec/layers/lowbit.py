@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.graph import Leaf
+from edgec.core.graph import Leaf
 
 ACTS = ("none", "ternary", "binary")
 
@@ -79,7 +79,7 @@ def group_view(w2d: torch.Tensor, group_size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ deploy layers
 
-class _LowBit(Leaf):
+class LowBitLayer(Leaf):
     """Common storage and dequantization; subclasses apply the op."""
 
     def _init_lowbit(self, weight_shape, bias: bool, group_size: int, bits: int, shift: bool, act: str):
@@ -112,7 +112,7 @@ class _LowBit(Leaf):
                 f"shift={self.shift is not None}, act={self.act}, bias={self.bias is not None}")
 
 
-class LowBitLinear(_LowBit):
+class LowBitLinear(LowBitLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 0,
                  bits: int = 2, shift: bool = False, act: str = "none"):
         super().__init__()
@@ -123,7 +123,7 @@ class LowBitLinear(_LowBit):
         return F.linear(quantize_act(x, self.act), self.dequantized(), self.bias)
 
 
-class _LowBitConv(_LowBit):
+class _LowBitConv(LowBitLayer):
     _conv = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -150,7 +150,7 @@ class LowBitConv2d(_LowBitConv):
     _conv = F.conv2d
 
 
-def lowbit_like(layer: nn.Module, *, group_size: int, bits: int, shift: bool, act: str) -> _LowBit:
+def lowbit_like(layer: nn.Module, *, group_size: int, bits: int, shift: bool, act: str) -> LowBitLayer:
     """An empty low-bit layer with the geometry of ``layer`` (nn.Linear / nn.Conv1d / nn.Conv2d)."""
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
@@ -162,5 +162,5 @@ def lowbit_like(layer: nn.Module, *, group_size: int, bits: int, shift: bool, ac
                layer.dilation, layer.groups, bias, group_size, bits, shift, act)
 
 
-def lowbit_layers(gm: nn.Module) -> list[tuple[str, _LowBit]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, _LowBit)]
+def lowbit_layers(gm: nn.Module) -> list[tuple[str, LowBitLayer]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, LowBitLayer)]

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgec.spec import InputSpec
+from edgec.core.spec import InputSpec
 
 
 class Leaf(nn.Module):

@@ -11,7 +11,7 @@ reorder reductions, so bit-exactness is not expected; observed errors are ~1e-6)
 
 Weights (``weights=``): "fp32" exports every weight as the exporter writes it (low-bit layers as their int8
 codes and the float ops that dequantize them, opset 20 by default); "int2" stores every ternary/binary layer as
-real 2-bit data (opset 25, IR 13; see ``edgec.passes.lowbit_export`` for the per-layer forms, their choice by
+real 2-bit data (opset 25, IR 13; see ``edgec.onnx.int2`` for the per-layer forms, their choice by
 measurement and the size accounting) and refuses a model without low-bit layers; "auto" (default) is int2 when
 the model has low-bit layers, else fp32. For int2 the gating parity check runs with
 ``session.qdq_matmulnbits_accuracy_level = 0`` (no int8 quantization of activations in the DQ+MatMul →
@@ -28,8 +28,9 @@ import io
 import logging
 import warnings
 
-from edgec.errors import CheckFailed, EdgecError
-from edgec.graph import Model, canonical_json, max_error
+from edgec.core.errors import CheckFailed, EdgecError
+from edgec.core.graph import Model, canonical_json, max_error
+from edgec.core.provenance import record as provenance_record
 
 DEFAULT_OPSET = 20
 TOLERANCE = 1e-4
@@ -121,8 +122,8 @@ def strip_metadata(proto) -> None:
 
 
 def ort_session(data: bytes, threads: int = 1, **config):
-    """A session with the same options eval and latency measurement use (edgec.latency.measure)."""
-    from edgec.latency.measure import create_session
+    """A session with the same options eval and latency measurement use (edgec.onnx.session)."""
+    from edgec.onnx.session import create_session
 
     return create_session(data, threads, config)
 
@@ -155,13 +156,13 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     ``opset``: None → 20 for fp32 weights, 25 for int2; an explicit opset below 25 is an error with "int2"
     and turns "auto" into fp32 (recorded as ``params.weights_requested``).
     ``weights``: "auto" | "fp32" | "int2" (module docstring). ``forms`` / ``threads``: how int2 layers choose
-    between DequantizeLinear and MatMulNBits ("measure" | "dq" | "matmulnbits"; ``edgec.passes.lowbit_export``).
+    between DequantizeLinear and MatMulNBits ("measure" | "dq" | "matmulnbits"; ``edgec.onnx.int2``).
     The returned record is the one embedded in the file, plus (int2 only) ``measurements`` (per-layer timings,
     not embedded because they vary run to run) and ``size`` (file bytes and the fp32-equivalent file size).
     """
     import onnx
 
-    from edgec.passes import lowbit_export as lb
+    from edgec.onnx import int2 as lb
 
     refuse_scaffolds(model)
     mode = lb.resolve_weights(model, weights)
@@ -200,11 +201,8 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
             "parity": default, "rel_error": max(v["rel_error"] for v in default.values()), "informational": True,
             "note": "default ORT session: DQ+MatMul fused into MatMulNBits with int8-quantized activations"}
         params.update({"forms": forms, "ir_version": proto.ir_version})
-    record = {
-        "pass": "export.onnx", "version": 1, "params": params,
-        "input_digest": model.digest(), "checks": checks,
-        "tools": tool_versions or versions(),
-    }
+    record = provenance_record("export.onnx", 1, params, input_digest=model.digest(), checks=checks,
+                               tools=tool_versions or versions())
     if report is not None:
         record["lowbit"] = report
     provenance = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 def inspect_file(path: str | Path, arch: str | None = None) -> dict:
@@ -20,8 +20,8 @@ def layer_bits(gm) -> list[dict]:
     """Weight-bearing layers with their weight bit width (32 for float, 2 ternary, 1 binary)."""
     from torch import nn
 
-    from edgec.graph import Scaffold
-    from edgec.lowbit import lowbit_layers
+    from edgec.core.graph import Scaffold
+    from edgec.layers.lowbit import lowbit_layers
 
     lowbit = dict(lowbit_layers(gm))
     rows, inside = [], []  # layers inside a scaffold are counted with the scaffold
@@ -53,7 +53,7 @@ def bits_summary(rows: list[dict]) -> dict:
 
 
 def inspect_checkpoint(path: Path, arch: str | None = None) -> dict:
-    from edgec.checkpoint import load_checkpoint
+    from edgec.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(path, arch=arch)
     modules = Counter(type(m).__name__ for n, m in model.gm.named_modules() if n and not list(m.children()))
@@ -72,7 +72,7 @@ def inspect_onnx(path: Path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from edgec.passes.export import read_provenance
+    from edgec.onnx.export import read_provenance
 
     try:
         proto = onnx.load(str(path))

@@ -2,7 +2,7 @@
 
 A checkpoint is plain data, never code::
 
-    {"format": "edgec.checkpoint/1",
+    {"format": "edgec.models.checkpoint/1",
      "model": {"arch": str, "config": dict},
      "passes": [{"pass", "version", "params"}, ...],   # structural log, replayed on load
      "state_dict": {name: Tensor},
@@ -15,59 +15,17 @@ with ``torch.load(weights_only=True)``, which refuses any pickle that would impo
 """
 from __future__ import annotations
 
-import io
-import os
-import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
-from edgec.errors import EdgecError, first_line
+from edgec.core.errors import EdgecError, first_line
+from edgec.core.fileio import atomic_write, read_data, serialize
+from edgec.core.provenance import record as provenance_record
 
-FORMAT = "edgec.checkpoint/1"
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write bytes to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def check_output(output: str | Path, *inputs) -> Path:
-    """Refuse an output that is a folder or would overwrite one of the inputs (inputs are never modified)."""
-    out = Path(output)
-    if out.is_dir():
-        raise EdgecError(f"output {out} is a directory; give a file name")
-    for src in inputs:
-        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise EdgecError(f"refusing to overwrite the input {src}; choose another output")
-    return out
-
-
-def serialize(obj) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+FORMAT = "edgec.models.checkpoint/1"
 
 
 def save_checkpoint(model, path: str | Path) -> str:
-    """Write ``model`` (an ``edgec.graph.Model``) atomically; return its digest."""
+    """Write ``model`` (an ``edgec.core.graph.Model``) atomically; return its digest."""
     digest = model.digest()
     container = {
         "format": FORMAT,
@@ -79,44 +37,6 @@ def save_checkpoint(model, path: str | Path) -> str:
     }
     atomic_write(path, serialize(container))
     return digest
-
-
-def read_data(path: str | Path, what: str = "checkpoint"):
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line EdgecError."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise EdgecError(f"no such file: {path}")
-    if path.is_dir():
-        raise EdgecError(f"{path} is a directory, not a {what} file")
-    if path.stat().st_size == 0:
-        raise EdgecError(f"{path} is empty")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        raise EdgecError(f"{path} is truncated or corrupt (a zip archive without its central directory)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower():
-            global_name = _unsupported_global(msg)
-            raise EdgecError(
-                f"refusing to load {path}: it is a pickle that would import or run code{global_name}; "
-                "edgec loads checkpoints as data only"
-            ) from None
-        raise EdgecError(f"{path} is corrupt or not a torch file ({first_line(exc)})") from None
-    except Exception as exc:  # the unpickler raises anything (IndexError, EOFError, ...) on garbage
-        raise EdgecError(f"{path} is truncated or corrupt, or not a torch file ({first_line(exc)})") from None
-
-
-def _unsupported_global(msg: str) -> str:
-    for line in msg.splitlines():
-        if "Unsupported global: GLOBAL" in line:
-            name = line.split("GLOBAL", 1)[1].strip().split()[0]
-            return f" ({name})"
-    return ""
 
 
 def _describe_non_checkpoint(obj) -> str:
@@ -138,8 +58,8 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
     updated by ``config``).
     """
     from edgec import models
-    from edgec.graph import Model
-    from edgec.manager import replay
+    from edgec.core.graph import Model
+    from edgec.core.pass_manager import replay
 
     path = Path(path)
     obj = read_data(path)
@@ -160,12 +80,11 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
             # Importing a module named inside a file would let the file choose code to run.
             raise EdgecError(f"{path} uses the user architecture '{stored}'; "
                              f"pass --arch {stored} to allow importing it")
-    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
+    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.models.checkpoint/"):
         raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
     elif arch is not None and isinstance(obj, dict) and not _describe_non_checkpoint(obj).startswith("not"):
         arch_name, cfg, passes, state_dict = arch, models.full_config(arch, config), [], obj
-        provenance = [{"pass": "import.state_dict", "version": 1,
-                       "params": {"arch": arch, "config": cfg, "source": path.name}}]
+        provenance = [provenance_record("import.state_dict", 1, {"arch": arch, "config": cfg, "source": path.name})]
     else:
         raise EdgecError(f"{path} is {_describe_non_checkpoint(obj)}")
 
@@ -182,7 +101,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
 
 
 def trace_or_error(module, arch: str):
-    from edgec.graph import trace
+    from edgec.core.graph import trace
 
     try:
         return trace(module)
@@ -228,14 +147,14 @@ def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: d
     import torch
 
     from edgec import models
-    from edgec.graph import Model
+    from edgec.core.graph import Model
 
     cfg = models.full_config(arch, overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         module = models.build(arch, cfg)
     model = Model(trace_or_error(module, arch), arch, cfg, module.input_spec())
-    record = origin or {"pass": "zoo.create", "version": 1, "params": {"arch": arch, "config": cfg, "seed": seed}}
+    record = origin or provenance_record("zoo.create", 1, {"arch": arch, "config": cfg, "seed": seed})
     record["output_digest"] = model.digest()
     model.provenance = [record]
     return model

@@ -1,4 +1,4 @@
-"""The edgec command line: typer parses, edgec.api works, edgec.render shows. No torch at import time."""
+"""The edgec command line: typer parses, edgec.app.api works, edgec.app.render shows. No torch at import time."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from edgec import __version__
-from edgec.errors import EXIT_INTERNAL, EdgecError
-from edgec import render as r
+from edgec.core.errors import EXIT_INTERNAL, EdgecError
+from edgec.app import render as r
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="edgec: PyTorch checkpoints → small, fast, verified ONNX artifacts.")
@@ -64,7 +64,7 @@ def parse_sets(items: list[str] | None) -> dict:
 @zoo_app.command("list")
 def zoo_list(as_json: JsonOpt = False):
     """List the zoo's architectures with their default sizes and inputs."""
-    from edgec import api
+    from edgec.app import api
 
     rows = api.zoo_list()
     if as_json:
@@ -84,7 +84,7 @@ def zoo_create(
     as_json: JsonOpt = False,
 ):
     """Create a freshly initialised model checkpoint."""
-    from edgec import api
+    from edgec.app import api
 
     res = api.zoo_create(name, output, parse_sets(set_), seed)
     if as_json:
@@ -102,7 +102,7 @@ def import_hf(
     as_json: JsonOpt = False,
 ):
     """Import a Hugging Face BERT checkpoint (no transformers needed)."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner(f"importing {folder}", not as_json):
         res = api.import_hf(folder, output)
@@ -138,7 +138,7 @@ def scaffold_hrf(
     as_json: JsonOpt = False,
 ):
     """HRF: insert H (d → K·d) in front of every FFN's first linear; `edgec fold` folds it back exactly."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("scaffolding", not as_json) as update:
         res = api.scaffold("hrf", model, output, arch, progress=update, expand=expand, include=include or None,
@@ -169,7 +169,7 @@ def scaffold_ternary(
     as_json: JsonOpt = False,
 ):
     """Ternary training scaffold on Conv/Linear weights (STTN or DLT); `edgec fold` turns it into 2-bit layers."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("scaffolding", not as_json) as update:
         res = api.scaffold_ternary(model, output, method=method, arch=arch, progress=update, group_size=group_size,
@@ -192,7 +192,7 @@ def scaffold_binary(
     as_json: JsonOpt = False,
 ):
     """Binary weights sign(W)·α, with the real latent weights as a supervised parallel path while training."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("scaffolding", not as_json) as update:
         res = api.scaffold_binary(model, output, arch=arch, progress=update, activations=activations,
@@ -209,7 +209,7 @@ def fold(
     as_json: JsonOpt = False,
 ):
     """Fold everything foldable (training scaffolds, BatchNorm) and verify the result. Default output: <stem>.folded.pt."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("folding", not as_json) as update:
         res = api.fold(model, output, arch, progress=update)
@@ -236,7 +236,7 @@ def export(
     as_json: JsonOpt = False,
 ):
     """Export to ONNX, verify against torch in onnxruntime, embed provenance. Default output: <stem>.onnx."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("exporting and verifying", not as_json):
         res = api.export(model, output, opset, arch, weights=weights, forms=forms)
@@ -298,7 +298,7 @@ def finetune(
     """Fine-tune on real data: AdamW, warm-up + cosine, clipping, keep-best, resumable; DDP under torchrun.
 
     Progress goes to stderr (also with --json); under torchrun only rank 0 prints and writes."""
-    from edgec import api
+    from edgec.app import api
 
     data_options = {k: v for k, v in {"n_mels": n_mels, "frames": frames, "val_fraction": val_fraction}.items()
                     if v is not None}
@@ -332,7 +332,7 @@ def eval_(
     as_json: JsonOpt = False,
 ):
     """Score a checkpoint or ONNX file with one protocol: accuracy/WA, UAR, macro-F1 (or CCC, MAE), size, latency."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("evaluating", not as_json) as update:
         res = api.evaluate(model, data, split=split, threads=threads, latency_batch=latency_batch,
@@ -358,7 +358,7 @@ def profile(
     as_json: JsonOpt = False,
 ):
     """Measure per-group latency over a density grid in onnxruntime (cached by runtime, threads, CPU, shape)."""
-    from edgec import api
+    from edgec.app import api
 
     with r.spinner("profiling", not as_json) as update:
         res = api.profile(model, output, threads=threads, input_shape=input_shape, batch=batch, table=table,
@@ -398,7 +398,7 @@ def prune(
 ):
     """Prune to a latency budget: per-group densities from measured latency tables, ADMM, physical shrink,
     fine-tune, then export and measure for real. Exit 4: budget below the reachable minimum; 5: missed."""
-    from edgec import api
+    from edgec.app import api
 
     if (latency_ms is None) == (latency_ratio is None):
         raise EdgecError("give exactly one of --latency-ms and --latency-ratio")
@@ -421,7 +421,7 @@ def inspect(
     as_json: JsonOpt = False,
 ):
     """Show architecture, size, bit widths, ops and the provenance chain of a checkpoint or ONNX file."""
-    from edgec import api
+    from edgec.app import api
 
     res = api.inspect(file, arch)
     if as_json:
@@ -458,7 +458,7 @@ def run(
     as_json: JsonOpt = False,
 ):
     """Run a recipe: a list of steps named like the CLI commands. Exit 0 ok, 1 a check failed, 2 bad input."""
-    from edgec import recipe as rec
+    from edgec.app import recipe as rec
 
     plan = rec.plan(recipe, out)
     if dry_run:

@@ -1,6 +1,6 @@
 """Low-bit weights as low-bit data: rewrite an exported ONNX graph so every ternary/binary layer stores 2 bits a weight.
 
-``edgec.lowbit`` layers (``LowBitLinear``, ``LowBitConv1d``, ``LowBitConv2d``) hold int8 ``codes`` in {−1, 0, 1}
+``edgec.layers.lowbit`` layers (``LowBitLinear``, ``LowBitConv1d``, ``LowBitConv2d``) hold int8 ``codes`` in {−1, 0, 1}
 (ternary) or {−1, 1} (binary), a per-group ``scale`` α and an optional per-group ``shift`` γ (DLT):
 ``W = α·codes + γ``. The dynamo exporter writes them as an int8 initializer plus Cast/Mul/Add/Transpose nodes
 (1 byte a weight), and its optimizer folds the small ones (with a following BatchNorm) into float32 constants.
@@ -30,7 +30,7 @@ constant subgraph with onnx's reference evaluator and checks it equals the torch
     or when a Gemm has alpha/beta/transA other than the defaults.
 
 Choice per layer (``forms="measure"``, the default): each applicable form of that layer is timed alone
-(``edgec.latency.measure`` protocol, ``threads`` intra-op threads, the layer's own input shape at the model's
+(``edgec.onnx.session`` protocol, ``threads`` intra-op threads, the layer's own input shape at the model's
 example batch, the strict session config below), cached per shape in-process; the standard ``dq`` form is kept
 unless ``matmulnbits`` is faster by more than ``PREFER_STANDARD_MARGIN`` (10 %), which also keeps near ties from
 flipping between runs. ``forms="dq"`` or ``"matmulnbits"`` forces a form (the latter falls back to ``dq`` where
@@ -39,7 +39,7 @@ differ between machines. The chosen form, its ONNX structure and the reason are 
 export record; the timings are returned alongside (``measurements``) but not embedded, because they vary from
 run to run and the file must not (same model and same choices → same bytes).
 
-Parity (see ``edgec.passes.export``): onnxruntime fuses DQ+MatMul into ``MatMulNBits`` with the accuracy level
+Parity (see ``edgec.onnx.export``): onnxruntime fuses DQ+MatMul into ``MatMulNBits`` with the accuracy level
 from the session config ``session.qdq_matmulnbits_accuracy_level``, default 4 = int8-quantized activations
 (measured 9e-4 relative on the ternary zoo bert and 3e-3 on the conformer with every layer in ``dq`` form; up to
 ~3e-2 reported on larger models: that is the runtime's choice, not the file's). The gating parity check therefore
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgec.errors import CheckFailed, EdgecError
+from edgec.core.errors import CheckFailed, EdgecError
 
 WEIGHT_MODES = ("auto", "fp32", "int2")
 FORM_CHOICES = ("measure", "dq", "matmulnbits")
@@ -86,7 +86,7 @@ _timing_cache: dict = {}
 
 
 def lowbit_layer_names(model) -> list[str]:
-    from edgec.lowbit import lowbit_layers
+    from edgec.layers.lowbit import lowbit_layers
 
     return [n for n, _ in lowbit_layers(model.gm)]
 
@@ -157,7 +157,7 @@ class _Layer:
 def _collect(model) -> list[_Layer]:
     import torch
 
-    from edgec.lowbit import LowBitLinear, lowbit_layers
+    from edgec.layers.lowbit import LowBitLinear, lowbit_layers
 
     layers, hooks = [], []
     for name, m in lowbit_layers(model.gm):
@@ -546,7 +546,7 @@ def _time_key(site: _Site, form: str, threads: int, config: dict) -> tuple:
 def _time(site: _Site, form: str, threads: int, config: dict) -> float:
     import onnxruntime
 
-    from edgec.latency.measure import measure_onnx
+    from edgec.onnx.session import measure_onnx
 
     key = _time_key(site, form, threads, config) + (onnxruntime.__version__,)
     if key not in _timing_cache:
@@ -585,7 +585,7 @@ def fp32_layers(model) -> list[dict]:
     """Layers with weights that stay float32 in an int2 export (not low-bit), with their parameter counts."""
     from torch import nn
 
-    from edgec.lowbit import lowbit_layers
+    from edgec.layers.lowbit import lowbit_layers
 
     low = {n for n, _ in lowbit_layers(model.gm)}
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)

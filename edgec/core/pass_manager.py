@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from edgec.errors import CheckFailed, EdgecError
-from edgec.graph import Model
+from edgec.core.errors import CheckFailed, EdgecError
+from edgec.core.graph import Model
+from edgec.core.provenance import record as provenance_record
+from edgec.core.provenance import structural
 
 
 class PreconditionError(EdgecError):
@@ -68,7 +70,7 @@ class Pass:
         return result
 
     def record(self) -> dict:
-        return {"pass": self.name, "version": self.version, "params": dict(self.params)}
+        return structural(self.name, self.version, self.params)
 
 
 def model_metrics(model: Model) -> dict:
@@ -90,16 +92,11 @@ class PassManager:
             result = p(model)
             out = result.model
             failed = {k: v for k, v in result.checks.items() if isinstance(v, dict) and v.get("passed") is False}
-            record = p.record() | {
-                "modified": result.modified,
-                "summary": result.summary,
-                "input_digest": before_digest,
-                "checks": result.checks,
-                "metrics": {"before": before_metrics, "after": model_metrics(out)},
-            }
             if p.structural and result.modified:
                 out.passes.append(p.record())
-            record["output_digest"] = out.digest()
+            record = provenance_record(p.name, p.version, dict(p.params), output=out, modified=result.modified,
+                                       summary=result.summary, input_digest=before_digest, checks=result.checks,
+                                       metrics={"before": before_metrics, "after": model_metrics(out)})
             if result.modified:  # a no-op stays out of the artifact's history but is reported to the caller
                 out.provenance.append(record)
             records.append(record)

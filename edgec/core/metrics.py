@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 def _as_numpy(a, name: str) -> np.ndarray:

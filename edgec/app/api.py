@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from edgec.checkpoint import check_output
-from edgec.errors import EdgecError
+from edgec.core.fileio import check_output
+from edgec.core.provenance import record as provenance_record
+from edgec.core.errors import EdgecError
 
 def fold_passes() -> list[str]:
     """The folds `edgec fold` tries: every registered scaffold's declared fold, in registry order (HRF before
     the low-bit folds, since nothing may sit between H and W1'), then BatchNorm last (it also folds into the
     low-bit layers the other folds produce)."""
-    from edgec.manager import PASSES, get_pass
+    from edgec.core.pass_manager import PASSES, get_pass
 
     folds = [get_pass(name).scaffold_fold for name in PASSES if name.startswith("scaffold.")]
     return list(dict.fromkeys(f for f in folds if f)) + ["fold.batchnorm"]
@@ -29,13 +30,13 @@ def _model_summary(model) -> dict:
 
 
 def load(path: str | Path, arch: str | None = None):
-    from edgec.checkpoint import load_checkpoint
+    from edgec.models.checkpoint import load_checkpoint
 
     return load_checkpoint(path, arch=arch)
 
 
 def save(model, output: str | Path) -> dict:
-    from edgec.checkpoint import save_checkpoint
+    from edgec.models.checkpoint import save_checkpoint
 
     save_checkpoint(model, output)
     return {"output": str(output), **_model_summary(model), "file_bytes": Path(output).stat().st_size}
@@ -57,7 +58,7 @@ def zoo_list() -> list[dict]:
 
 
 def zoo_create(name: str, output: str | Path, overrides: dict | None = None, seed: int = 0) -> dict:
-    from edgec.checkpoint import new_model
+    from edgec.models.checkpoint import new_model
 
     output = check_output(output)
     model = new_model(name, overrides, seed)
@@ -65,7 +66,7 @@ def zoo_create(name: str, output: str | Path, overrides: dict | None = None, see
 
 
 def import_hf(folder: str | Path, output: str | Path) -> dict:
-    from edgec.checkpoint import check_finite, load_state_dict_strict, new_model
+    from edgec.models.checkpoint import check_finite, load_state_dict_strict, new_model
     from edgec.models.hf_bert import read_hf_bert
 
     folder = Path(folder)
@@ -76,8 +77,8 @@ def import_hf(folder: str | Path, output: str | Path) -> dict:
     # config plus every weight file read (a sharded checkpoint has an index and several shards)
     for path in [folder / "config.json", *sorted(folder.glob("model*.safetensors*"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    origin = {"pass": "import.hf", "version": 1,
-              "params": {"source": folder.name, "source_sha256": digest.hexdigest(), "config": config}}
+    origin = provenance_record("import.hf", 1, {"source": folder.name, "source_sha256": digest.hexdigest(),
+                                                "config": config})
     model = new_model("bert", config, seed=0, origin=origin)
     load_state_dict_strict(model.gm, state_dict, folder)
     model.provenance[0]["output_digest"] = model.digest()
@@ -87,7 +88,7 @@ def import_hf(folder: str | Path, output: str | Path) -> dict:
 # --- passes ----------------------------------------------------------------------------------------
 
 def run_passes(model, names: list[str], params: dict | None = None, progress=None):
-    from edgec.manager import PassManager, get_pass
+    from edgec.core.pass_manager import PassManager, get_pass
 
     passes = [get_pass(n)(**(params or {}).get(n, {})) for n in names]
     return PassManager(passes)(model, progress=progress)
@@ -144,8 +145,8 @@ def export(input_path: str | Path, output: str | Path | None = None, opset: int 
            arch: str | None = None, weights: str = "auto", forms: str = "measure") -> dict:
     """Verified ONNX; ``weights`` auto|fp32|int2 (auto: INT2 where the graph has ternary/binary layers),
     ``forms`` measure|dq|matmulnbits (how INT2 Linear layers are stored; measure = fastest per layer)."""
-    from edgec.checkpoint import atomic_write
-    from edgec.passes.export import export as export_onnx
+    from edgec.core.fileio import atomic_write
+    from edgec.onnx.export import export as export_onnx
 
     model = load(input_path, arch)
     out = _out_path(input_path, output, ".onnx")
@@ -177,9 +178,9 @@ def finetune(input_path: str | Path, data: str, output: str | Path, **options) -
 def evaluate(input_path: str | Path, data: str, split: str | None = "test", threads: int = 1,
              latency_batch: int = 1, no_latency: bool = False, arch: str | None = None, n_mels: int | None = None,
              frames: int | None = None, progress=None) -> dict:
-    """The one evaluation protocol for .pt and .onnx: task metrics, size, ORT latency (see edgec.evaluate).
+    """The one evaluation protocol for .pt and .onnx: task metrics, size, ORT latency (see edgec.evaluation).
     Audio features default to those the model was fine-tuned with (recorded in its provenance)."""
-    from edgec.evaluate import evaluate as run_eval
+    from edgec.evaluation import evaluate as run_eval
 
     return run_eval(input_path, data, split=split, threads=threads, latency_batch=latency_batch,
                     latency=not no_latency, arch=arch, n_mels=n_mels, frames=frames, progress=progress)
@@ -192,21 +193,22 @@ def profile(input_path: str | Path, output: str | Path | None = None, threads: i
     """Latency table for pruning: every prunable group timed in onnxruntime at a grid of densities, plus the
     dense model (see edgec.latency). A cached table with the same key is reused; ``table`` loads one
     measured on the target device instead (key checked)."""
-    from edgec.checkpoint import atomic_write
-    from edgec.graph import canonical_json
-    from edgec.latency import profile as prof
+    from edgec.core.fileio import atomic_write
+    from edgec.core.graph import canonical_json
+    from edgec.latency.shapes import parse_input_shapes
+    from edgec.latency.cache import cached as cached_table
     from edgec.latency import table as tbl
 
     input_shape = [input_shape] if isinstance(input_shape, str) else input_shape
     patterns = [patterns] if isinstance(patterns, str) else patterns
     model = load(input_path, arch)
     out = _out_path(input_path, output, ".latency.json")
-    shapes = prof.parse_input_shapes(model.spec, input_shape) if input_shape else None
+    shapes = parse_input_shapes(model.spec, input_shape) if input_shape else None
     if table:
         result = tbl.load_table(table, model, threads=threads, shapes=shapes)
         result["_cache"] = {"hit": False, "path": Path(table).name}
     else:
-        result = tbl.cached(model, threads, shapes, batch=batch, units=units, patterns=patterns,
+        result = cached_table(model, threads, shapes, batch=batch, units=units, patterns=patterns,
                             refresh=refresh, progress=progress)
     cache = result.pop("_cache", {})
     warnings = result.pop("load_warnings", [])
@@ -236,6 +238,6 @@ def prune(input_path: str | Path, output: str | Path | None = None, **options) -
 
 
 def inspect(path: str | Path, arch: str | None = None) -> dict:
-    from edgec.inspect import inspect_file
+    from edgec.app.inspection import inspect_file
 
     return inspect_file(path, arch=arch)

@@ -34,7 +34,7 @@ positions to be removed together *unite* their elements (union-find):
   (v rows + out_proj columns) as two groups; the 1/sqrt(dh) scale stays the trained constant;
 * LayerNorm over a labelled dim, softmax/mean/sum over a labelled dim, indexing or slicing a labelled dim,
   reading its size (``x.size(c)``), a labelled dim reaching the model output, low-bit layers
-  (``edgec.lowbit``: their per-group codes are not sliced yet), grouped (non-depthwise) convs, and every op
+  (``edgec.layers.lowbit``: their per-group codes are not sliced yet), grouped (non-depthwise) convs, and every op
   not listed here make the channels they touch *unprunable*, with a reason naming the node. Parameters and
   constants read with ``get_attr`` carry no label, so a per-channel parameter applied outside a module
   (``x * self.gamma``, a learned position table added to the stream) also makes the channels unprunable
@@ -75,8 +75,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from edgec.errors import EdgecError
-from edgec.graph import Model
+from edgec.core.errors import EdgecError
+from edgec.core.graph import Model
 
 # ------------------------------------------------------------------------------------------- op tables
 
@@ -126,9 +126,9 @@ _LIKE_FUNCTIONS = {torch.zeros_like: True, torch.ones_like: False, torch.empty_l
 
 
 def _lowbit_types():
-    from edgec.lowbit import _LowBit
+    from edgec.layers.lowbit import LowBitLayer
 
-    return (_LowBit,)
+    return (LowBitLayer,)
 
 
 # ------------------------------------------------------------------------------------------- results

@@ -22,12 +22,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgec.errors import EXIT_INTERNAL, CheckFailed, EdgecError
+from edgec.core.errors import EXIT_INTERNAL, CheckFailed, EdgecError
 
 
 @dataclass(frozen=True)
 class StepDef:
-    func: str  # name of the function in edgec.api
+    func: str  # name of the function in edgec.app.api
     required: tuple = ()
     optional: tuple = ()
     inputs: tuple = ()  # parameters that are files which must exist (or be produced earlier)
@@ -191,9 +191,9 @@ def _resolve(value: str, out_dir: Path) -> Path:
 
 def execute(plan: Plan, progress=None) -> dict:
     """Run the steps in order; stop at the first failure. Always writes report.json."""
-    from edgec import api
-    from edgec.checkpoint import atomic_write
-    from edgec.graph import canonical_json
+    from edgec.app import api
+    from edgec.core.fileio import atomic_write
+    from edgec.core.graph import canonical_json
 
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     task = progress.add_task(f"recipe {plan.name}", total=len(plan.steps)) if progress else None
@@ -233,7 +233,7 @@ def execute(plan: Plan, progress=None) -> dict:
 
 def step_details(run: str, res: dict) -> str:
     """One readable line per step kind for the summary table."""
-    from edgec.render import check_text, human_bytes, human_count
+    from edgec.app.render import check_text, human_bytes, human_count
 
     if run in ("zoo.create", "import.hf"):
         return f"{human_count(res['params'])} params, {human_bytes(res['file_bytes'])}"
