@@ -1,11 +1,15 @@
-# `make demo` and `make test` each set up .venv first (torch pinned to the local CPU wheel).
+# Every target sets up .venv first (torch pinned to the local CPU wheel).
+#   make test       the whole suite (unit + e2e; installs espeak-ng and synthesises the speech fixture) -- CI
+#   make test-fast  tests/unit only: no espeak-ng, no fixture, no training (under 2 minutes)
+#   make lint       ruff + the import-layer contract (pyproject.toml [tool.ruff], [tool.importlinter])
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgec-installed
 SPEECH := fixtures/speech/labels.csv
+LINTED := edgec tests benchmarks fixtures
 
-.PHONY: venv demo test espeak clean bench
+.PHONY: venv demo test test-fast lint espeak clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +32,13 @@ demo: venv espeak $(SPEECH)
 
 test: venv espeak $(SPEECH)
 	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest tests/unit
+
+lint: venv
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/lint-imports
 
 bench: venv espeak $(SPEECH)
 	$(BIN)/python benchmarks/zoo.py

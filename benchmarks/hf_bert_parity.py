@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from edgec.models.bert import Bert  # noqa: E402
-from edgec.models.hf_bert import read_hf_bert  # noqa: E402
+from edgec.models.bert import Bert
+from edgec.models.hf_bert import read_hf_bert
 
 SIZES = {  # name: (layers, hidden, heads, intermediate)
     "tiny": (2, 128, 2, 512),

@@ -24,9 +24,9 @@ def mean_std(xs):
 
 def run_one(arch: str, hrf: bool, seed: int, bundle, epochs: int, lr: float):
     from edgec.app.api import fold_passes
-    from edgec.models.checkpoint import new_model
-    from edgec.evaluation import evaluate_model
     from edgec.core.pass_manager import PassManager, get_pass
+    from edgec.evaluation import evaluate_model
+    from edgec.models.checkpoint import new_model
     from edgec.onnx.export import export
     from edgec.train import finetune
 

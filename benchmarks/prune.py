@@ -85,7 +85,7 @@ class Ctx:
     """Per-model state: the trained fp32 model, its data, the measurement feed and shapes."""
 
     def __init__(self, arch, model, ckpt, bundle, metric, args):
-        from edgec.latency.profile import make_inputs, resolve_shapes
+        from edgec.latency.shapes import make_inputs, resolve_shapes
 
         self.arch, self.model, self.ckpt, self.bundle, self.metric, self.args = arch, model, ckpt, bundle, metric, args
         self.shapes = resolve_shapes(model.spec, None, 1)
@@ -166,15 +166,17 @@ def say(msg):
 # ------------------------------------------------------------------------------------------- methods
 
 def run_alcs(ctx, ratio, tmp, admm_epochs, label):
-    from edgec.models.checkpoint import load_checkpoint
     from edgec.core.errors import EdgecError
+    from edgec.core.options import PruneOptions
+    from edgec.models.checkpoint import load_checkpoint
     from edgec.prune.run import prune_file
 
     out = tmp / f"{ctx.arch}_alcs_{ratio}_{admm_epochs}.pt"
     t = time.perf_counter()
     try:
-        res = prune_file(ctx.ckpt, out, latency_ratio=ratio, data=ctx.bundle, admm_epochs=admm_epochs,
-                         finetune_epochs=ctx.args.finetune_epochs, lr=ctx.args.lr, batch_size=32, seed=0)
+        res = prune_file(ctx.ckpt, out, PruneOptions(latency_ratio=ratio, data=ctx.bundle, admm_epochs=admm_epochs,
+                                                     finetune_epochs=ctx.args.finetune_epochs, lr=ctx.args.lr,
+                                                     batch_size=32, seed=0)).to_dict()
     except EdgecError as e:
         return {"method": label, "ratio": ratio, "error": f"exit {e.exit_code}: {e}"}
     pruned = load_checkpoint(out)
@@ -207,8 +209,8 @@ def tp_prune(ctx, ratio, also_ignore=()):
     import torch_pruning as tp
 
     from edgec import models
-    from edgec.models.checkpoint import trace_or_error
     from edgec.core.graph import Model
+    from edgec.models.checkpoint import trace_or_error
 
     module = models.build(ctx.arch, ctx.model.config)
     own = module.state_dict()  # the GraphModule may carry extra traced constants (e.g. _tensor_constant0)
@@ -260,7 +262,7 @@ def run_tp(ctx, ratio, target_ms):
             rows.append({"method": label, "ratio": ratio, "error": f"failed: {_msg(e)}"})
             continue
         try:
-            x, model, _, steps = bisect(ctx, lambda r: tp_prune(ctx, r, also), target_ms, 0.0, 0.95,
+            x, model, _, steps = bisect(ctx, lambda r, also=also: tp_prune(ctx, r, also), target_ms, 0.0, 0.95,
                                         f"{label} r={ratio}")
             row = finish(ctx, label, model, ratio, {"knob": _knob(f"global {x:.3f}", steps), "bisect": len(steps)})
         except Exception as e:  # noqa: BLE001
@@ -278,8 +280,8 @@ def run_tp(ctx, ratio, target_ms):
 def prepare(arch, args, tmp):
     import torch
 
-    from edgec.models.checkpoint import new_model, save_checkpoint
     from edgec.data import load_data
+    from edgec.models.checkpoint import new_model, save_checkpoint
     from edgec.prune.run import macs
     from edgec.train import finetune
 

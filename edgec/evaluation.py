@@ -1,32 +1,7 @@
-"""`edgec eval`: one evaluation protocol for every artifact (ParaLBench's idea applied to compressed variants).
-
-Whatever the file -- a checkpoint (``.pt``) at any stage of the pipeline or an exported ``.onnx`` -- the
-same data split is read the same way, fed in the same batches, and scored with the same metrics
-(``edgec.core.metrics``): accuracy (= WA), UAR and macro-F1 for classification, CCC and MAE (and RMSE) for
-regression, plus the mean loss (cross-entropy from the logits; MSE for regression). So a row for
-``base.pt``, ``folded.pt``, ``small.pt`` and ``small.onnx`` in one table is a fair comparison.
-
-* Predictions: a checkpoint runs in torch (eval mode, ``Model.run``); an ONNX file runs in onnxruntime
-  with the session options of ``edgec.onnx.session`` (the deployed behaviour, optimisations on).
-* Latency: always measured in onnxruntime with ``edgec.onnx.session`` (median of repeated runs after
-  warm-up) on the first ``latency_batch`` items of the evaluated split. A checkpoint is exported to
-  ONNX in memory for this (not verified, nothing written); one that still carries training scaffolds
-  cannot be exported, so its latency is ``None`` with the reason in ``latency_note`` (metrics are still
-  computed in torch).
-* Split: ``test`` by default; a source without a test split falls back to ``val`` and says so in
-  ``split_note``. Any other split named explicitly is used as is (error if absent).
-* Inputs: each data item is one tensor, fed to the model's first input; further inputs are filled
-  when that is well defined (attention masks: ones; token type ids: zeros). The data's item shape is
-  checked against the model's declared input shape first, with a one-line EdgecError naming the axis.
-* Audio folders are featurised with the model's ``n_mels`` unless ``n_mels`` is given.
-
-``params``: trainable parameters for a checkpoint, initializer elements for an ONNX file (the exporter
-folds BatchNorm into convolutions, so an exported file can count slightly fewer). ``onnx_bytes``: size
-of the deployable ONNX -- the file itself, or the in-memory export of a checkpoint (without the
-provenance metadata, so a little smaller than the file `edgec export` writes).
-
-The result is a plain JSON-serialisable dict with file names (never absolute paths). Everything except
-the latency numbers is deterministic.
+"""`edgec eval`: one evaluation protocol for every artifact. Checkpoints at any pipeline stage and exported
+ONNX files are scored on the same split, in the same batches, with the same metrics (``edgec.core.metrics``)
+and the same onnxruntime latency measurement, so their rows compare fairly. The protocol's rules:
+docs/methods.md#metrics.
 """
 from __future__ import annotations
 
@@ -36,8 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 
 from edgec.core.errors import EdgecError
+from edgec.core.graph import Model
+from edgec.core.metrics import classification_metrics, regression_metrics
+from edgec.data import load_data
+from edgec.data.bundle import TensorPairDataset
+from edgec.models.checkpoint import load_checkpoint
+from edgec.onnx.export import read_provenance, to_onnx
+from edgec.onnx.session import create_session, machine_key, measure_session
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -89,8 +73,6 @@ def inputs_from_onnx(proto, provenance: dict | None) -> list[InputInfo]:
         known = spec_inputs.get(vi.name)
         if known and len(known.get("shape", [])) == len(dims):
             dims = [d if isinstance(d, int) else s for d, s in zip(dims, known["shape"])]
-        import onnx
-
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "float32"
         out.append(InputInfo(vi.name, dims, dtype, _fill_for(vi.name), [None] * len(dims)))
     return out
@@ -121,7 +103,7 @@ def check_data_fits(inputs: list[InputInfo], item_shape: tuple, item_dtype: str,
             raise EdgecError(f"data does not fit the model: each data item has shape {shape} but {where} "
                              f"(axis {axis} '{want}' must be in [{bound[0]}, {bound[1]}], data has {got})")
     model_int = first.dtype.startswith("int")
-    data_int = item_dtype.startswith("int") or item_dtype.startswith("uint") or item_dtype == "bool"
+    data_int = item_dtype.startswith(("int", "uint")) or item_dtype == "bool"
     if model_int and not data_int:
         raise EdgecError(f"data does not fit the model: its input '{first.name}' takes {first.dtype} "
                          f"(token ids) but the data items are {item_dtype}")
@@ -173,8 +155,6 @@ class _TorchRunner:
         self.inputs = inputs_from_spec(model.spec)
 
     def __call__(self, feed: dict) -> np.ndarray:
-        import torch
-
         args = tuple(torch.from_numpy(feed[i.name]) for i in self.inputs)
         return self.model.run(args)[0].numpy()
 
@@ -203,10 +183,6 @@ def _item_dtype(x) -> str:
 
 def iter_batches(dataset, batch_size: int):
     """Yield ``(inputs ndarray, targets ndarray)`` in dataset order."""
-    import torch
-
-    from edgec.data.bundle import TensorPairDataset
-
     if batch_size < 1:
         raise EdgecError(f"batch size must be >= 1, got {batch_size}")
     n = len(dataset)
@@ -244,8 +220,6 @@ def score(outputs: np.ndarray, targets: np.ndarray, task: str, num_classes: int 
     A classifier with more outputs than the data has classes is scored over its own classes (the
     extra ones count as errors when predicted, and a note says so); fewer outputs is an error.
     """
-    from edgec.core.metrics import classification_metrics, regression_metrics
-
     if task == "classification":
         if outputs.ndim != 2:
             raise EdgecError(f"a classifier must output (batch, classes) scores; the model outputs shape "
@@ -308,8 +282,6 @@ def _name(source) -> str:
 
 
 def _onnx_file(path: Path):
-    import onnx
-
     if not path.exists():
         raise EdgecError(f"no such file: {path}")
     if path.is_dir():
@@ -352,8 +324,6 @@ def is_onnx_file(path: Path) -> bool:
     if head == b"PK\x03\x04" or not head:
         return False
     try:
-        import onnx
-
         proto = onnx.load_model_from_string(path.read_bytes())
     except Exception:
         return False
@@ -371,37 +341,17 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
              seed: int = 0, cache_dir: str | None = None, normalize: str = "utterance",
              ort_config: dict | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
              return_predictions: bool = False, progress=None) -> dict:
-    """Evaluate a checkpoint or ONNX file on a data split with the one protocol; see the module docstring.
+    """Evaluate a checkpoint or ONNX file on a data split with the one protocol (docs/methods.md#metrics).
 
     ``n_mels=None``: the model's own n_mels (audio folders only). ``ort_config``: onnxruntime session
     config entries for the ONNX predictions and the latency session. ``return_predictions`` adds
     ``predictions`` (class ids, or regression values) to the result. ``progress``: optional callable
     taking one short status string per stage (for a spinner).
     """
-    from edgec.data import load_data
-
     path = Path(path)
     is_onnx = is_onnx_file(path)
     _say(progress, f"loading {path.name}")
-    if is_onnx:
-        data, proto = _onnx_file(path)
-        target = (data, proto)
-        from edgec.onnx.export import read_provenance
-
-        try:
-            prov = read_provenance(proto)
-        except ValueError:
-            prov = None
-        config = (prov or {}).get("config") or {}
-        records = (prov or {}).get("passes") or []
-    else:
-        from edgec.models.checkpoint import load_checkpoint
-
-        target = load_checkpoint(path, arch=arch)
-        config = target.config or {}
-        records = target.provenance
-        spec_n_mels = target.spec.extra.get("n_mels") if isinstance(target.spec.extra, dict) else None
-        config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
+    target, config, records = _load_target(path, is_onnx, arch)
     # One protocol: featurise audio the way the model was fine-tuned unless told otherwise.
     trained = next((r.get("params", {}).get("data_options") or {} for r in reversed(records)
                     if isinstance(r, dict) and r.get("pass") == "finetune"), {})
@@ -423,6 +373,35 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
     return result
 
 
+def _load_target(path: Path, is_onnx: bool, arch: str | None) -> tuple[object, dict, list]:
+    """``(target for evaluate_model, model config, provenance records)`` of a checkpoint or ONNX file."""
+    if is_onnx:
+        data, proto = _onnx_file(path)
+        try:
+            prov = read_provenance(proto)
+        except ValueError:
+            prov = None
+        return (data, proto), (prov or {}).get("config") or {}, (prov or {}).get("passes") or []
+    model = load_checkpoint(path, arch=arch)
+    config = model.config or {}
+    spec_n_mels = model.spec.extra.get("n_mels") if isinstance(model.spec.extra, dict) else None
+    config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
+    return model, config, model.provenance
+
+
+@dataclass
+class _Prepared:
+    """A target made ready for the protocol: its inputs, what the result reports about it, the runner that
+    predicts, the onnxruntime session to time (None: no latency) and the ONNX bytes."""
+
+    inputs: list[InputInfo]
+    info: dict
+    runner: object
+    session: object = None
+    onnx_bytes: bytes | None = None
+    latency_note: str | None = None
+
+
 def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: int = DEFAULT_BATCH_SIZE,
                    threads: int = 1, latency_batch: int = 1, latency: bool = True, ort_config: dict | None = None,
                    warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
@@ -431,108 +410,31 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
 
     Reusable by training/pruning code that wants the same numbers as ``edgec eval`` without files.
     """
-    from edgec.core.graph import Model
-    from edgec.onnx.session import create_session, machine_key, measure_session
-
     if int(threads) < 1:
         raise EdgecError(f"threads must be >= 1, got {threads}")
     if int(latency_batch) < 1:
         raise EdgecError(f"latency batch must be >= 1, got {latency_batch}")
     split_used, split_note = choose_split(bundle, split)
     dataset = bundle.split(split_used)
-    import torch
-
     first_item = torch.as_tensor(dataset[0][0])
     notes = []
-    onnx_bytes = None
-    latency_note = None
-
     if isinstance(target, Model):
-        model = target
-        inputs = inputs_from_spec(model.spec)
-        hints = {"n_mels": model.spec.extra.get("n_mels", model.config.get("n_mels")),
-                 "image_size": model.spec.extra.get("image_size")}
-        if model.spec.task == "features":
-            raise EdgecError(f"the model ({model.arch}) outputs features ({', '.join(model.spec.outputs)}), not "
-                             "predictions; it needs a classification/regression head to be evaluated")
-        info = {"format": "checkpoint", "arch": model.arch, "passes": _pass_names(model.provenance),
-                "params": model.param_count(), "checkpoint_digest": model.digest()}
-        check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
-        runner = _TorchRunner(model)
-        session = None
-        scaffolds = model.scaffolds()
-        if not latency:
-            latency_note = "latency not measured (disabled)"
-        elif scaffolds:
-            latency_note = (f"not exportable: {len(scaffolds)} unfolded training scaffold(s) "
-                            f"({', '.join(sorted({m.kind for _, m in scaffolds}))}); run `edgec fold` first")
-        else:
-            from edgec.onnx.export import to_onnx
-
-            _say(progress, "exporting to ONNX in memory for latency")
-            try:
-                onnx_bytes = to_onnx(model).SerializeToString(deterministic=True)
-            except EdgecError as exc:
-                latency_note = f"not exportable: {exc}"
-        if onnx_bytes is not None:
-            try:
-                session = create_session(onnx_bytes, threads, ort_config)
-            except EdgecError as exc:
-                latency_note, onnx_bytes = f"not measurable: {exc}", None
+        prep = _prepare_checkpoint(target, first_item, latency, threads, ort_config, progress)
     else:
-        if isinstance(target, (bytes, bytearray)):
-            import onnx
+        prep = _prepare_onnx(target, first_item, latency, threads, ort_config, notes)
 
-            try:
-                data, proto = bytes(target), onnx.load_model_from_string(bytes(target))
-            except Exception as exc:  # protobuf DecodeError
-                raise EdgecError(f"not a readable ONNX model ({type(exc).__name__})") from None
-        else:
-            data, proto = target
-        from edgec.onnx.export import read_provenance
-
-        try:
-            prov = read_provenance(proto) or {}
-        except ValueError:
-            prov = {}
-            notes.append("edgec provenance metadata is unreadable")
-        if not prov:
-            notes.append("no edgec provenance in the file: arch unknown")
-        config = prov.get("config") or {}
-        task = (prov.get("spec") or {}).get("task")
-        if task == "features":
-            raise EdgecError("the model outputs features, not predictions; it needs a classification/regression "
-                             "head to be evaluated")
-        inputs = inputs_from_onnx(proto, prov)
-        hints = {"n_mels": config.get("n_mels"), "image_size": config.get("image_size")}
-        info = {"format": "onnx", "arch": prov.get("arch"), "passes": _pass_names(prov.get("passes")),
-                "params": onnx_params(proto), "checkpoint_digest": prov.get("checkpoint_digest")}
-        check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
-        onnx_bytes = data
-        session = create_session(data, threads, ort_config)
-        runner = _OrtRunner(session, inputs)
-        if not latency:
-            latency_note = "latency not measured (disabled)"
-
-    _say(progress, f"predicting {len(dataset)} items ({split_used}) with {runner.by}")
-    outputs, targets = predict(runner, dataset, batch_size)
+    _say(progress, f"predicting {len(dataset)} items ({split_used}) with {prep.runner.by}")
+    outputs, targets = predict(prep.runner, dataset, batch_size)
     metrics, predictions = score(outputs, targets, bundle.task, bundle.num_classes, notes)
-
     lat = None
-    if latency and session is not None:
+    if latency and prep.session is not None:
         _say(progress, f"timing onnxruntime ({threads} thread(s), batch {latency_batch})")
-        x = _latency_batch(dataset, int(latency_batch))
-        feed = build_feed(inputs, x)
-        lat = measure_session(session, feed, threads=threads, warmup=warmup, repeats=repeats,
-                              min_seconds=min_seconds)
-        lat["batch"] = int(latency_batch)
-        lat["input_shape"] = list(x.shape)
-        lat["inputs"] = {k: list(v.shape) for k, v in feed.items()}
+        lat = _measure_latency(prep, dataset, int(latency_batch), threads, warmup, repeats, min_seconds)
 
     result = {
-        **info,
-        "onnx_bytes": len(onnx_bytes) if onnx_bytes is not None else None,
-        "predictions_by": runner.by,
+        **prep.info,
+        "onnx_bytes": len(prep.onnx_bytes) if prep.onnx_bytes is not None else None,
+        "predictions_by": prep.runner.by,
         "data": _name(bundle.source),
         "data_kind": bundle.kind,
         "data_digest": bundle.digest,
@@ -545,10 +447,89 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
         "batch_size": int(batch_size),
         "metrics": metrics,
         "latency": lat,
-        "latency_note": latency_note,
+        "latency_note": prep.latency_note,
         "machine": machine_key(threads),
         "notes": notes,
     }
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _prepare_checkpoint(model: Model, first_item, latency: bool, threads: int, ort_config: dict | None,
+                        progress) -> _Prepared:
+    """Predictions in torch; latency from an in-memory ONNX export, when the model can be exported."""
+    inputs = inputs_from_spec(model.spec)
+    hints = {"n_mels": model.spec.extra.get("n_mels", model.config.get("n_mels")),
+             "image_size": model.spec.extra.get("image_size")}
+    if model.spec.task == "features":
+        raise EdgecError(f"the model ({model.arch}) outputs features ({', '.join(model.spec.outputs)}), not "
+                         "predictions; it needs a classification/regression head to be evaluated")
+    info = {"format": "checkpoint", "arch": model.arch, "passes": _pass_names(model.provenance),
+            "params": model.param_count(), "checkpoint_digest": model.digest()}
+    check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
+    prep = _Prepared(inputs, info, _TorchRunner(model))
+    scaffolds = model.scaffolds()
+    if not latency:
+        prep.latency_note = "latency not measured (disabled)"
+    elif scaffolds:
+        prep.latency_note = (f"not exportable: {len(scaffolds)} unfolded training scaffold(s) "
+                             f"({', '.join(sorted({m.kind for _, m in scaffolds}))}); run `edgec fold` first")
+    else:
+        _say(progress, "exporting to ONNX in memory for latency")
+        try:
+            prep.onnx_bytes = to_onnx(model).SerializeToString(deterministic=True)
+        except EdgecError as exc:
+            prep.latency_note = f"not exportable: {exc}"
+    if prep.onnx_bytes is not None:
+        try:
+            prep.session = create_session(prep.onnx_bytes, threads, ort_config)
+        except EdgecError as exc:
+            prep.latency_note, prep.onnx_bytes = f"not measurable: {exc}", None
+    return prep
+
+
+def _prepare_onnx(target, first_item, latency: bool, threads: int, ort_config: dict | None,
+                  notes: list) -> _Prepared:
+    """Predictions and latency in one onnxruntime session; model facts from the edgec provenance metadata."""
+    if isinstance(target, (bytes, bytearray)):
+        try:
+            data, proto = bytes(target), onnx.load_model_from_string(bytes(target))
+        except Exception as exc:  # protobuf DecodeError
+            raise EdgecError(f"not a readable ONNX model ({type(exc).__name__})") from None
+    else:
+        data, proto = target
+    try:
+        prov = read_provenance(proto) or {}
+    except ValueError:
+        prov = {}
+        notes.append("edgec provenance metadata is unreadable")
+    if not prov:
+        notes.append("no edgec provenance in the file: arch unknown")
+    config = prov.get("config") or {}
+    if (prov.get("spec") or {}).get("task") == "features":
+        raise EdgecError("the model outputs features, not predictions; it needs a classification/regression "
+                         "head to be evaluated")
+    inputs = inputs_from_onnx(proto, prov)
+    hints = {"n_mels": config.get("n_mels"), "image_size": config.get("image_size")}
+    info = {"format": "onnx", "arch": prov.get("arch"), "passes": _pass_names(prov.get("passes")),
+            "params": onnx_params(proto), "checkpoint_digest": prov.get("checkpoint_digest")}
+    check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
+    session = create_session(data, threads, ort_config)
+    prep = _Prepared(inputs, info, _OrtRunner(session, inputs), session, data)
+    if not latency:
+        prep.latency_note = "latency not measured (disabled)"
+    return prep
+
+
+def _measure_latency(prep: _Prepared, dataset, latency_batch: int, threads: int, warmup: int, repeats: int,
+                     min_seconds: float) -> dict:
+    """onnxruntime timing (``edgec.onnx.session.measure_session``) on the first ``latency_batch`` items."""
+    x = _latency_batch(dataset, latency_batch)
+    feed = build_feed(prep.inputs, x)
+    lat = measure_session(prep.session, feed, threads=threads, warmup=warmup, repeats=repeats,
+                          min_seconds=min_seconds)
+    lat["batch"] = int(latency_batch)
+    lat["input_shape"] = list(x.shape)
+    lat["inputs"] = {k: list(v.shape) for k, v in feed.items()}
+    return lat

@@ -4,10 +4,20 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
+from edgec.app.results import CheckpointInfo, OnnxInfo
 from edgec.core.errors import EdgecError
+from edgec.core.graph import Scaffold
+from edgec.layers.lowbit import lowbit_layers
+from edgec.models.checkpoint import load_checkpoint
+from edgec.onnx.export import read_provenance
 
 
-def inspect_file(path: str | Path, arch: str | None = None) -> dict:
+def inspect_file(path: str | Path, arch: str | None = None) -> CheckpointInfo | OnnxInfo:
+    """The checkpoint's or ONNX file's description (by suffix)."""
     path = Path(path)
     if not path.exists():
         raise EdgecError(f"no such file: {path}")
@@ -18,11 +28,6 @@ def inspect_file(path: str | Path, arch: str | None = None) -> dict:
 
 def layer_bits(gm) -> list[dict]:
     """Weight-bearing layers with their weight bit width (32 for float, 2 ternary, 1 binary)."""
-    from torch import nn
-
-    from edgec.core.graph import Scaffold
-    from edgec.layers.lowbit import lowbit_layers
-
     lowbit = dict(lowbit_layers(gm))
     rows, inside = [], []  # layers inside a scaffold are counted with the scaffold
     for name, m in gm.named_modules():
@@ -52,28 +57,19 @@ def bits_summary(rows: list[dict]) -> dict:
     return out
 
 
-def inspect_checkpoint(path: Path, arch: str | None = None) -> dict:
-    from edgec.models.checkpoint import load_checkpoint
-
+def inspect_checkpoint(path: Path, arch: str | None = None) -> CheckpointInfo:
     model = load_checkpoint(path, arch=arch)
     modules = Counter(type(m).__name__ for n, m in model.gm.named_modules() if n and not list(m.children()))
-    return {
-        "kind": "checkpoint", "file": path.name, "file_bytes": path.stat().st_size,
-        "arch": model.arch, "config": model.config, "params": model.param_count(), "bytes": model.nbytes(),
-        "digest": model.digest(), "spec": model.spec.to_json(),
-        "modules": dict(sorted(modules.items())),
-        "scaffolds": [{"module": n, "kind": m.kind, "folded_by": m.folded_by} for n, m in model.scaffolds()],
-        "layers": (layers := layer_bits(model.gm)), "bits": bits_summary(layers),
-        "structural_passes": model.passes, "provenance": model.provenance,
-    }
+    layers = layer_bits(model.gm)
+    return CheckpointInfo(
+        kind="checkpoint", file=path.name, file_bytes=path.stat().st_size,
+        arch=model.arch, config=model.config, params=model.param_count(), bytes=model.nbytes(),
+        digest=model.digest(), spec=model.spec.to_json(), modules=dict(sorted(modules.items())),
+        scaffolds=[{"module": n, "kind": m.kind, "folded_by": m.folded_by} for n, m in model.scaffolds()],
+        layers=layers, bits=bits_summary(layers), structural_passes=model.passes, provenance=model.provenance)
 
 
-def inspect_onnx(path: Path) -> dict:
-    import onnx
-    from onnx import numpy_helper
-
-    from edgec.onnx.export import read_provenance
-
+def inspect_onnx(path: Path) -> OnnxInfo:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:
@@ -92,15 +88,13 @@ def inspect_onnx(path: Path) -> dict:
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                  "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
-    provenance = read_provenance(proto)
-    return {
-        "kind": "onnx", "file": path.name, "file_bytes": path.stat().st_size,
-        "ir_version": proto.ir_version, "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
-        "params": int(params), "initializer_bytes": int(init_bytes), "initializer_dtypes": dict(dtypes),
-        "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "arch": (provenance or {}).get("arch"),
-        "checkpoint_digest": (provenance or {}).get("checkpoint_digest"),
-        "provenance": (provenance or {}).get("passes", []),
-    }
+    provenance = read_provenance(proto) or {}
+    return OnnxInfo(
+        kind="onnx", file=path.name, file_bytes=path.stat().st_size,
+        ir_version=proto.ir_version, opsets={o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        producer=f"{proto.producer_name} {proto.producer_version}".strip(),
+        inputs=io(proto.graph.input), outputs=io(proto.graph.output),
+        params=int(params), initializer_bytes=int(init_bytes), initializer_dtypes=dict(dtypes),
+        nodes=len(proto.graph.node), ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        arch=provenance.get("arch"), checkpoint_digest=provenance.get("checkpoint_digest"),
+        provenance=provenance.get("passes", []))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 console = Console()
@@ -16,8 +18,6 @@ err_console = Console(stderr=True)
 
 def error_line(label: str, message: str) -> None:
     """One line on stderr; the message is plain text (shapes like [3, 4] are not rich markup)."""
-    from rich.text import Text
-
     err_console.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
 
 
@@ -88,7 +88,7 @@ def progress_bar(text: str, total: int, enabled: bool = True):
 def check_text(check: dict) -> str:
     if not isinstance(check, dict):
         return str(check)
-    if "rel_error" not in check:  # an informational record: short key=value pairs
+    if "rel_error" not in check or "tolerance" not in check:  # informational: short key=value pairs
         return ", ".join(f"{k}={_brief(v)}" for k, v in check.items())
     mark = "ok" if check.get("passed", True) else "FAILED"
     return f"{mark}: rel. error {check['rel_error']:.2e} (tol {check['tolerance']:.0e})"
@@ -233,3 +233,149 @@ def prune_table(res: dict) -> Table:
         rows.append(("densities", ", ".join(f"{k} {v:.2f}" for k, v in dens.items() if v < 1) or "all 1.0"))
     rows += [("note", n) for n in res.get("notes") or []]
     return kv_table("prune", rows)
+
+
+def _io_list(values: list[dict]) -> str:
+    return "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in values)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}×{v}" for k, v in counts.items())
+
+
+def zoo_table(rows: list[dict]) -> Table:
+    return rows_table("edgec model zoo", ["name", "params", "inputs", "task", "description"], [
+        [x["name"], human_count(x["params"]), _io_list(x["inputs"]), x["task"], x["summary"]] for x in rows])
+
+
+def created_table(name: str, res: dict) -> Table:
+    return kv_table(f"created {name}", [
+        ("output", res["output"]), ("params", human_count(res["params"])),
+        ("file size", human_bytes(res["file_bytes"])), ("digest", res["digest"][:16]),
+        ("config", ", ".join(f"{k}={v}" for k, v in sorted(res["config"].items())))])
+
+
+def imported_table(res: dict) -> Table:
+    return kv_table("imported BERT", [
+        ("output", res["output"]), ("params", human_count(res["params"])),
+        ("layers", res["config"].get("num_hidden_layers")), ("hidden", res["config"].get("hidden_size")),
+        ("digest", res["digest"][:16])])
+
+
+def scaffold_table(res: dict) -> Table:
+    rows = [("scaffold", res["summary"]),
+            ("parameters", ", ".join(f"{k}={v}" for k, v in res["scaffold_params"].items())),
+            ("params (training)", f"{human_count(res['before']['params'])} → {human_count(res['params'])}")]
+    rows += [(f"check {k}", check_text(v)) for k, v in res["checks"].items()]
+    return kv_table("scaffold", rows + [("output", res["output"])])
+
+
+def fold_view(res: dict) -> Group:
+    rows = [(p["pass"], (p["summary"] or "-") + ("" if not p["checks"] else
+             "  [" + "; ".join(check_text(c) for c in p["checks"].values()) + "]")) for p in res["passes"]]
+    table = kv_table("fold", rows + [
+        ("params", f"{human_count(res['before']['params'])} → {human_count(res['params'])}"),
+        ("output", res["output"])])
+    if res["folded"]:
+        return Group(table)
+    return Group(table, f"[yellow]{res['summary']}[/] (copied unchanged to {res['output']})")
+
+
+def _lowbit_rows(res: dict) -> list[tuple]:
+    sz, layers = res["size"], res["lowbit_layers"] or []
+    forms_used: dict = {}
+    for layer in layers:
+        forms_used[layer.get("form", "?")] = forms_used.get(layer.get("form", "?"), 0) + 1
+    return [("low-bit layers", f"{len(layers)} ({_counts(forms_used)})"),
+            ("low-bit weights vs fp32", f"{sz['lowbit_weight_ratio']:.3f}"),
+            ("file vs fp32 file", f"{sz['file_ratio']:.3f} (fp32 layers: {len(res['fp32_layers'] or [])})")]
+
+
+def export_table(res: dict) -> Table:
+    parity = res["checks"]["ort_parity"]
+    rows = [("output", res["output"]), ("size", human_bytes(res["file_bytes"])), ("opset", res["opset"]),
+            ("weights", res["weights"])]
+    if res.get("size"):
+        rows += _lowbit_rows(res)
+    rows += [("params", human_count(res["params"])), ("sha256", res["sha256"][:16]),
+             ("provenance", f"{res['passes']} record(s) in metadata 'edgec.provenance'")]
+    for name, p in parity["parity"].items():
+        rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", check_text(p | {
+            "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
+    return kv_table("export", rows)
+
+
+def _inspect_rows(res: dict) -> list[tuple]:
+    file = ("file", f"{res['file']} ({human_bytes(res['file_bytes'])})")
+    if res["kind"] == "onnx":
+        return [file, ("producer", res["producer"]), ("arch", res["arch"] or "-"),
+                ("IR / opsets", f"{res['ir_version']} / {res['opsets']}"),
+                ("params", f"{human_count(res['params'])} ({res['initializer_dtypes']})"),
+                ("inputs", _io_list(res["inputs"])), ("outputs", _io_list(res["outputs"])),
+                ("nodes", res["nodes"]), ("ops", _counts(res["ops"]))]
+    return [file, ("arch", res["arch"]), ("params", human_count(res["params"])),
+            ("tensor bytes", human_bytes(res["bytes"])), ("digest", res["digest"][:16]),
+            ("inputs", _io_list(res["spec"]["inputs"])), ("modules", _counts(res["modules"])),
+            ("weight bits", ", ".join(f"{b}: {v['layers']} layer(s), {human_count(v['weights'])} weights"
+                                      for b, v in res["bits"].items())),
+            ("scaffolds", ", ".join(f"{s['kind']}@{s['module']}" for s in res["scaffolds"]) or "none")]
+
+
+def inspect_view(res: dict, layers: bool = False) -> Group:
+    """The file's summary, its weight layers (``layers``, checkpoints only) and its provenance tree."""
+    parts = [kv_table(f"inspect {res['file']}", _inspect_rows(res))]
+    if layers and res["kind"] == "checkpoint":
+        parts.append(rows_table("layers", ["layer", "type", "bits", "weights", "group", "act"], [
+            [x["layer"], x["type"], x["bits"], f"{x['weights']:,}", x.get("group_size", "-"), x.get("act", "-")]
+            for x in res["layers"]]))
+    return Group(*parts, provenance_tree("provenance", res["provenance"]))
+
+
+def plan_table(recipe, plan: dict) -> Table:
+    """A recipe's dry run (``plan.describe()``)."""
+    return rows_table(f"plan: {recipe} → {plan['out_dir']}", ["#", "step", "parameters"], [
+        [i + 1, s["run"], ", ".join(f"{k}={v}" for k, v in s["params"].items())]
+        for i, s in enumerate(plan["steps"])])
+
+
+def step_details(run: str, res: dict) -> str:
+    """One readable line per step kind for the summary table."""
+    if run in ("zoo.create", "import.hf"):
+        return f"{human_count(res['params'])} params, {human_bytes(res['file_bytes'])}"
+    if run.startswith("scaffold."):
+        return res["summary"]
+    if run == "finetune":
+        m = res["monitor"]
+        return f"best epoch {res['best_epoch']}/{len(res['history'])}: val {m} {res['best'][m]:.3f}, {res['seconds']:.0f} s"
+    if run == "fold":
+        parts = [f"{p['pass']} {check_text(c)}" for p in res["passes"] for c in (p.get("checks") or {}).values()]
+        return "; ".join(parts) or res["summary"]
+    if run == "export":
+        return f"{human_bytes(res['file_bytes'])}, ORT parity {check_text(res['checks']['ort_parity'])}"
+    if run == "eval":
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items() if k in ("accuracy", "uar", "ccc", "mae"))
+        lat = res.get("latency")
+        return metrics + (f", {lat['median_ms']:.2f} ms (batch {lat['batch']})" if lat else "")
+    if run == "inspect":
+        return f"{len(res['provenance'])} provenance record(s), {human_count(res['params'])} params"
+    if run == "prune":
+        return (f"budget {res['budget_ms']:.3f} ms: measured {res['measured_ms']:.3f} ms (estimated "
+                f"{res['estimated_ms']:.3f}), {res['speedup']:.2f}× vs dense, {res['mode']}")
+    if run == "profile":
+        return f"{len(res['units'])} groups, dense {res['dense_ms']:.3f} ms" + (" (cached)" if res["cache_hit"] else "")
+    return ""
+
+
+def report_view(report: dict) -> Group:
+    """A recipe run's report: one row per step, then where the report and the last artifact are."""
+    table = Table(title=f"recipe {report['recipe']}: {report['status']}", title_justify="left")
+    for col in ("#", "step", "status", "s", "output", "details"):
+        table.add_column(col)
+    for e in report["steps"]:
+        res = e.get("result") or {}
+        details = e.get("error") or step_details(e["run"], res)
+        table.add_row(str(e["step"]), e["run"], e["status"], f"{e['seconds']:.1f}", Path(str(res.get("output", "-"))).name,
+                      details)
+    outputs = [e["result"]["output"] for e in report["steps"] if e.get("result", {}).get("output")]
+    footer = Text(f"report: {report['out_dir']}/report.json" + (f"   artifact: {outputs[-1]}" if outputs else ""))
+    return Group(table, footer)

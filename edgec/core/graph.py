@@ -77,7 +77,7 @@ class Model:
     passes: list = field(default_factory=list)  # structural pass records: {"pass", "version", "params"}
     provenance: list = field(default_factory=list)  # every record, including checks and digests
 
-    def clone(self) -> "Model":
+    def clone(self) -> Model:
         return Model(copy.deepcopy(self.gm), self.arch, copy.deepcopy(self.config), self.spec,
                      copy.deepcopy(self.passes), copy.deepcopy(self.provenance))
 

@@ -1,17 +1,7 @@
 """Evaluation metrics, ParaLBench style (numpy only; inputs may be tensors, arrays or lists).
 
-Classification (`classification_metrics`):
-* accuracy = WA (weighted accuracy): correct / total, i.e. recall weighted by class frequency;
-* uar (unweighted average recall): mean recall over the classes PRESENT IN y_true;
-* macro_f1: mean F1 over the classes present in y_true or y_pred (sklearn's default label set);
-  a class with no true and no predicted examples is left out, F1 = 0 when precision + recall = 0.
-`y_pred` may be class ids (N,) or scores/logits (N, C) (argmax is taken).
-
-Regression (`regression_metrics`):
-* ccc (Lin's concordance correlation coefficient) = 2 cov(t, p) / (var t + var p + (mean t - mean p)^2)
-  with population (1/N) moments; 1.0 when both are constant and equal, 0.0 when the denominator is 0
-  otherwise. For (N, k) targets it is the mean over the k columns;
-* mae: mean absolute error; rmse: root mean squared error (over all elements).
+Accuracy (= WA), UAR and macro-F1 for classification; CCC, MAE and RMSE for regression. Definitions and
+edge cases (which classes count, degenerate variances): see docs/methods.md#metrics.
 """
 from __future__ import annotations
 
@@ -45,9 +35,8 @@ def classification_metrics(y_true, y_pred, num_classes: int | None = None) -> di
     if t.size == 0:
         raise EdgecError("metrics: no examples to score")
     for name, a in (("y_true", t), ("y_pred", p)):
-        if a.dtype.kind == "f":
-            if not np.all(np.mod(a, 1) == 0):
-                raise EdgecError(f"metrics: {name} must hold integer class ids")
+        if a.dtype.kind == "f" and not np.all(np.mod(a, 1) == 0):
+            raise EdgecError(f"metrics: {name} must hold integer class ids")
     t = t.astype(np.int64)
     p = p.astype(np.int64)
     if num_classes is None:

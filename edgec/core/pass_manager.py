@@ -1,12 +1,8 @@
-"""Pass infrastructure, modelled on onnx-ir's ``passes`` (PassBase / FunctionalPass / PassResult /
-requires / ensures, itself derived from torch.fx's ``passes/infra``).
+"""Pass infrastructure, modelled on onnx-ir's ``passes`` (itself derived from torch.fx's ``passes/infra``).
 
-A pass is a pure function ``Model -> Model`` with a name, a version and parameters. ``Pass.__call__``
-clones the input before ``call`` sees it, so no pass can mutate its input. The ``PassManager`` runs a
-sequence, checks each pass's contracts, and appends one provenance record per pass:
-name, version, parameters, input and output digests, metrics (parameter count, bytes) and the checks
-the pass ran (a fold records its measured output error). Structural passes (those that change the
-module structure) are also appended to ``Model.passes``, the log that rebuilds the graph on load.
+``Pass`` is a pure ``Model -> Model`` step with requires/ensures contracts; ``PassManager`` runs a sequence
+and appends one provenance record per pass; ``PASSES`` and ``replay`` rebuild a checkpoint's structure from
+its structural log. See docs/architecture.md#passes-and-provenance.
 """
 from __future__ import annotations
 

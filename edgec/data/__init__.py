@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 
-from edgec.data.bundle import SPLIT_NAMES, DataBundle, TensorPairDataset
-from edgec.data.features import compute_features, feature_params, log_mel
 from edgec.core.errors import EdgecError
+from edgec.data.audio import load_audio_folder
+from edgec.data.bundle import SPLIT_NAMES, DataBundle, TensorPairDataset
+from edgec.data.entrypoint import is_entry_point, load_entry_point
+from edgec.data.features import compute_features, feature_params, log_mel
+from edgec.data.tensors import TENSOR_SUFFIXES, load_tensor_file
 
 __all__ = [
     "DataBundle",
@@ -30,9 +33,6 @@ __all__ = [
 
 def source_kind(source: str) -> str:
     """"audio" | "tensors" | "entry" for a source string (raises EdgecError if it names nothing)."""
-    from edgec.data.entrypoint import is_entry_point
-    from edgec.data.tensors import TENSOR_SUFFIXES
-
     src = os.fspath(source)
     if os.path.isdir(src):
         return "audio"
@@ -72,8 +72,6 @@ def load_data(
         raise EdgecError(f"val_fraction must be in [0, 1), got {val_fraction}")
     kind = source_kind(source)
     if kind == "audio":
-        from edgec.data.audio import load_audio_folder
-
         folder = (os.path.dirname(source) or ".") if os.path.isfile(source) else source
         return load_audio_folder(
             folder,
@@ -86,9 +84,5 @@ def load_data(
             normalize=normalize,
         )
     if kind == "tensors":
-        from edgec.data.tensors import load_tensor_file
-
         return load_tensor_file(source, val_fraction=val_fraction, seed=seed)
-    from edgec.data.entrypoint import load_entry_point
-
     return load_entry_point(source, val_fraction=val_fraction, seed=seed)

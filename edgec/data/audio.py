@@ -1,18 +1,8 @@
 """Audio folders: ``labels.csv`` + 16-bit PCM WAV files -> fixed-size log-mel tensors.
 
-``labels.csv`` has a header naming the columns ``path`` and ``label`` (required) and ``split``
-(train/val/test; "dev"/"valid"/"validation" mean val) and ``speaker`` (optional), in any order; ``path``
-is relative to the folder. Row numbers in errors count lines as a spreadsheet does (header = row 1).
-
-* WAVs are read with the standard ``wave`` module after checking the ``fmt`` chunk ourselves: the
-  format must be integer PCM (tag 1, or WAVE_FORMAT_EXTENSIBLE with the PCM sub-format) at 16 bits;
-  several channels are averaged to mono; the rate must equal ``sample_rate`` (no resampling).
-* Splits come from the ``split`` column (no column: every row is train). With no val rows, a
-  ``val_fraction`` of the train SPEAKERS is held out (speaker-disjoint) when there is a speaker column
-  with at least two speakers, else a random ``val_fraction`` of train rows; both seeded by ``seed``.
-* Classes are the sorted unique labels of the csv's train rows; a val/test label outside them is an error.
-* Features (see ``edgec.data.features``) are cached in ``<cache_dir>/<features-digest>.pt``, keyed by
-  the feature parameters and every wav's path and content hash; written atomically.
+Columns ``path``, ``label`` (required), ``split``, ``speaker`` (optional). Without val rows a fraction of the
+train speakers is held out, so validation never hears a training speaker. Features are cached by parameters
+and wav content. Rules and errors: see docs/architecture.md#data-and-imports.
 """
 from __future__ import annotations
 
@@ -27,9 +17,10 @@ import wave
 import numpy as np
 import torch
 
+from edgec.core.errors import EdgecError
+from edgec.core.fileio import atomic_write, serialize
 from edgec.data import features as F
 from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
-from edgec.core.errors import EdgecError
 
 LABELS_CSV = "labels.csv"
 REQUIRED_COLUMNS = ("path", "label")
@@ -229,9 +220,101 @@ def _load_cache(path: str, n: int, frames: int, n_mels: int) -> torch.Tensor | N
 
 
 def _save_cache(path: str, feats: torch.Tensor, params: dict) -> None:
-    from edgec.core.fileio import atomic_write, serialize
-
     atomic_write(path, serialize({"features": feats, "params": params}))
+
+
+def _check_options(folder: str, csv_path: str, sample_rate: int, n_mels: int, frames: int, normalize: str) -> None:
+    if not os.path.isdir(folder):
+        raise EdgecError(f"{folder}: no such data folder")
+    if not os.path.isfile(csv_path):
+        raise EdgecError(f"{csv_path}: not found (an audio data folder needs labels.csv with path,label[,split][,speaker])")
+    if normalize not in F.NORMALIZE_CHOICES:
+        raise EdgecError(f"normalize must be one of {', '.join(F.NORMALIZE_CHOICES)}, not '{normalize}'")
+    if sample_rate <= 0 or n_mels <= 0 or frames <= 0:
+        raise EdgecError(f"sample_rate, n_mels and frames must be positive (got {sample_rate}, {n_mels}, {frames})")
+
+
+def _locate_wavs(rows: list[Row], folder: str, csv_path: str) -> None:
+    """Each row's wav file path and content hash."""
+    for r in rows:
+        r.file = os.path.normpath(os.path.join(folder, r.path))
+        if not os.path.isfile(r.file):
+            raise EdgecError(f"{csv_path}: row {r.line}: wav file '{r.path}' not found ({r.file})")
+        r.sha = _sha_file(r.file)
+
+
+def _train_classes(rows: list[Row], csv_path: str) -> list[str]:
+    if not any(r.split == "train" for r in rows):
+        raise EdgecError(f"{csv_path}: no train rows (the split column marks none as train)")
+    classes = sorted({r.label for r in rows if r.split == "train"})
+    for r in rows:
+        if r.label not in classes:
+            raise EdgecError(
+                f"{csv_path}: row {r.line}: label '{r.label}' ({r.split}) is not among the train labels ({', '.join(classes)})"
+            )
+    return classes
+
+
+def _digests(rows: list[Row], params: dict, csv_raw: bytes, val_fraction: float, seed: int) -> tuple[str, str]:
+    """``(features digest, data digest)``: the features by their parameters and every wav's path and hash;
+    the data by those, the csv bytes and the val split options."""
+    fh = hashlib.sha256()
+    fh.update(b"edgec-data/audio-features/v1\0")
+    fh.update(json.dumps(params, sort_keys=True).encode())
+    for r in rows:
+        fh.update(f"\0{r.path}\0{r.sha}".encode())
+    features_digest = fh.hexdigest()
+    dh = hashlib.sha256()
+    dh.update(b"edgec-data/audio/v1\0")
+    dh.update(features_digest.encode())
+    dh.update(csv_raw)
+    dh.update(json.dumps({"val_fraction": val_fraction, "seed": seed}).encode())
+    return features_digest, dh.hexdigest()
+
+
+def _compute_features(rows: list[Row], sample_rate: int, n_mels: int, frames: int, normalize: str) -> torch.Tensor:
+    out = torch.empty((len(rows), frames, n_mels), dtype=torch.float32)
+    # Small per-utterance ops: one intra-op thread is 10-100x faster than several on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, r in enumerate(rows):
+            with open(r.file, "rb") as f:
+                raw = f.read()
+            where = f"{r.file} ({LABELS_CSV} row {r.line})"
+            wave_t = decode_wav(raw, where, sample_rate)
+            out[i] = F.compute_features(wave_t, sample_rate, n_mels, frames, normalize)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _cached_features(rows: list[Row], cache_dir: str, cache_path: str, params: dict, sample_rate: int, n_mels: int,
+                     frames: int, normalize: str, notes: list[str]) -> tuple[torch.Tensor, bool]:
+    """The features from the cache, or computed and cached; ``(features, from_cache)``."""
+    feats = _load_cache(cache_path, len(rows), frames, n_mels)
+    if feats is not None:
+        return feats, True
+    feats = _compute_features(rows, sample_rate, n_mels, frames, normalize)
+    try:
+        _save_cache(cache_path, feats, params)
+    except OSError as e:
+        notes.append(f"feature cache not written ({cache_dir}: {e.strerror or e})")
+    return feats, False
+
+
+def _splits(rows: list[Row], classes: list[str], feats: torch.Tensor, csv_path: str) -> dict:
+    index = {c: i for i, c in enumerate(classes)}
+    targets = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
+    splits = {}
+    for s in ("train", "val", "test"):
+        idx = [i for i, r in enumerate(rows) if r.split == s]
+        if idx:
+            t = torch.tensor(idx, dtype=torch.int64)
+            splits[s] = TensorPairDataset(feats[t], targets[t])
+    if "train" not in splits:
+        raise EdgecError(f"{csv_path}: the train split is empty after holding out val (lower val_fraction)")
+    return splits
 
 
 def load_audio_folder(
@@ -245,33 +328,12 @@ def load_audio_folder(
     cache_dir: str | None = None,
     normalize: str = "utterance",
 ) -> DataBundle:
-    if not os.path.isdir(folder):
-        raise EdgecError(f"{folder}: no such data folder")
     csv_path = os.path.join(folder, LABELS_CSV)
-    if not os.path.isfile(csv_path):
-        raise EdgecError(f"{csv_path}: not found (an audio data folder needs labels.csv with path,label[,split][,speaker])")
-    if normalize not in F.NORMALIZE_CHOICES:
-        raise EdgecError(f"normalize must be one of {', '.join(F.NORMALIZE_CHOICES)}, not '{normalize}'")
-    if sample_rate <= 0 or n_mels <= 0 or frames <= 0:
-        raise EdgecError(f"sample_rate, n_mels and frames must be positive (got {sample_rate}, {n_mels}, {frames})")
+    _check_options(folder, csv_path, sample_rate, n_mels, frames, normalize)
     rows, cols, csv_raw = read_labels(csv_path)
     has_speaker = "speaker" in cols
-
-    for r in rows:
-        r.file = os.path.normpath(os.path.join(folder, r.path))
-        if not os.path.isfile(r.file):
-            raise EdgecError(f"{csv_path}: row {r.line}: wav file '{r.path}' not found ({r.file})")
-        r.sha = _sha_file(r.file)
-
-    if not any(r.split == "train" for r in rows):
-        raise EdgecError(f"{csv_path}: no train rows (the split column marks none as train)")
-    classes = sorted({r.label for r in rows if r.split == "train"})
-    index = {c: i for i, c in enumerate(classes)}
-    for r in rows:
-        if r.label not in index:
-            raise EdgecError(
-                f"{csv_path}: row {r.line}: label '{r.label}' ({r.split}) is not among the train labels ({', '.join(classes)})"
-            )
+    _locate_wavs(rows, folder, csv_path)
+    classes = _train_classes(rows, csv_path)
     notes = []
     note = _assign_val(rows, has_speaker, val_fraction, seed)
     if note:
@@ -280,52 +342,13 @@ def load_audio_folder(
         notes.append(_speaker_note(rows))
 
     params = F.feature_params(sample_rate, n_mels, frames, normalize)
-    fh = hashlib.sha256()
-    fh.update(b"edgec-data/audio-features/v1\0")
-    fh.update(json.dumps(params, sort_keys=True).encode())
-    for r in rows:
-        fh.update(f"\0{r.path}\0{r.sha}".encode())
-    features_digest = fh.hexdigest()
-    dh = hashlib.sha256()
-    dh.update(b"edgec-data/audio/v1\0")
-    dh.update(features_digest.encode())
-    dh.update(csv_raw)
-    dh.update(json.dumps({"val_fraction": val_fraction, "seed": seed}).encode())
-
+    features_digest, digest = _digests(rows, params, csv_raw, val_fraction, seed)
     cache_dir = cache_dir or default_cache_dir()
     cache_path = os.path.join(cache_dir, f"{features_digest}.pt")
-    feats = _load_cache(cache_path, len(rows), frames, n_mels)
-    from_cache = feats is not None
-    if feats is None:
-        out = torch.empty((len(rows), frames, n_mels), dtype=torch.float32)
-        # Small per-utterance ops: one intra-op thread is 10-100x faster than several on a busy CPU.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for i, r in enumerate(rows):
-                with open(r.file, "rb") as f:
-                    raw = f.read()
-                where = f"{r.file} ({LABELS_CSV} row {r.line})"
-                wave_t = decode_wav(raw, where, sample_rate)
-                out[i] = F.compute_features(wave_t, sample_rate, n_mels, frames, normalize)
-        finally:
-            torch.set_num_threads(threads)
-        feats = out
-        try:
-            _save_cache(cache_path, feats, params)
-        except OSError as e:
-            notes.append(f"feature cache not written ({cache_dir}: {e.strerror or e})")
-
-    targets = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
-    splits = {}
-    for s in ("train", "val", "test"):
-        idx = [i for i, r in enumerate(rows) if r.split == s]
-        if idx:
-            t = torch.tensor(idx, dtype=torch.int64)
-            splits[s] = TensorPairDataset(feats[t], targets[t])
-    if "train" not in splits:
-        raise EdgecError(f"{csv_path}: the train split is empty after holding out val (lower val_fraction)")
-    counts = {s: {c: 0 for c in classes} for s in splits}
+    feats, from_cache = _cached_features(rows, cache_dir, cache_path, params, sample_rate, n_mels, frames, normalize,
+                                         notes)
+    splits = _splits(rows, classes, feats, csv_path)
+    counts = {s: dict.fromkeys(classes, 0) for s in splits}
     for r in rows:
         counts[r.split][r.label] += 1
     notes.append(f"features: log-mel {n_mels} x {frames} frames @ {sample_rate} Hz, normalize={normalize}"
@@ -335,7 +358,7 @@ def load_audio_folder(
         classes=classes,
         num_classes=len(classes),
         splits=splits,
-        digest=dh.hexdigest(),
+        digest=digest,
         source=folder,
         kind="audio folder",
         meta={

@@ -1,32 +1,8 @@
-"""Log-mel features, written in plain torch (no torchaudio, no librosa).
+"""Log-mel features, written in plain torch (no torchaudio, no librosa), computed in float64.
 
-Every parameter, for a sample rate ``sr`` (16 kHz by default):
-
-* input: mono waveform, float, in [-1, 1] (16-bit PCM divided by 32768). No dither, no pre-emphasis,
-  no DC removal.
-* framing: window length ``round(0.025 * sr)`` samples (25 ms, 400 at 16 kHz), hop ``round(0.010 * sr)``
-  samples (10 ms, 160 at 16 kHz), no centring/padding of the signal (``center=False``): a signal of
-  ``n >= win`` samples gives ``1 + (n - win) // hop`` frames; a shorter one is zero-padded to one window.
-* window: periodic Hann of the window length, zero-padded to ``n_fft``.
-* FFT: ``n_fft = 512`` (or the next power of two at or above the window length for higher rates);
-  power spectrum ``|X|^2`` of the ``n_fft // 2 + 1`` one-sided bins.
-* mel filterbank: ``n_mels`` triangular filters, HTK mel scale ``mel(f) = 2595 * log10(1 + f / 700)``,
-  ``n_mels + 2`` points equally spaced in mel from ``mel(0)`` to ``mel(sr / 2)``; filter ``m`` rises from
-  point ``m`` to 1 at point ``m + 1`` and falls to 0 at point ``m + 2``, evaluated at the exact bin
-  frequencies ``k * sr / n_fft`` (no area normalisation: peak 1, like HTK / librosa ``htk=True, norm=None``).
-* compression: ``log(mel_energy + 1e-6)`` (natural log).
-* normalisation (``normalize``): ``"utterance"`` (default) subtracts the utterance's mean over ALL its
-  frames and mel bins and divides by their standard deviation (population, + 1e-5): one scalar pair per
-  utterance, so the recording gain goes (loudness is no longer a cue) but the spectral shape (tilt,
-  breathiness) stays; ``"bin"`` is per-bin CMVN (each mel bin's own mean/std over time; it also removes
-  the long-term spectrum, which hurts voice-quality cues such as whisper); ``"none"`` keeps raw log-mel.
-  Statistics use the utterance's real frames only (before cropping/padding).
-* fixed length (``frames``): longer utterances are centre-cropped (start ``(T - frames) // 2``);
-  shorter ones are padded AT THE END with the utterance's minimum value (after normalisation), i.e.
-  the quietest level it contains (the log floor for silence), so padding looks like silence.
-* output: float32 tensor ``(frames, n_mels)``; computation runs in float64 for reproducibility.
-
-``FEATURE_VERSION`` is part of every cache key: bump it when any of the above changes.
+25 ms Hann window, 10 ms hop, HTK mel filterbank, ``log(E + 1e-6)``, per-utterance normalisation and a fixed
+frame count, so every audio folder becomes ``(frames, n_mels)`` float32 tensors. Every parameter: see
+docs/methods.md#log-mel-features. ``FEATURE_VERSION`` is part of every cache key: bump it when they change.
 """
 from __future__ import annotations
 

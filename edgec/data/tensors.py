@@ -1,14 +1,7 @@
-"""Tensor files: ``.pt`` (torch.save of a dict, loaded with ``weights_only=True``), ``.npz`` (numpy,
-``allow_pickle=False``) and ``.safetensors``.
+"""Tensor files: ``.pt`` (loaded weights-only), ``.npz`` (no pickles) and ``.safetensors``.
 
-Keys: ``inputs`` and ``targets`` (the train split), optionally ``val_inputs``/``val_targets`` and
-``test_inputs``/``test_targets``, optionally ``classes`` (``.pt``: list of str; ``.npz``: a string
-array; ``.safetensors``: metadata entry ``classes``, a JSON list or comma-separated names).
-
-The target dtype decides the task: integer targets -> classification (``num_classes`` =
-``len(classes)`` if given, else max target + 1 over all splits), floating targets -> regression
-(shape ``(N,)`` or ``(N, k)``). Floating inputs are cast to float32, integer inputs (token ids) kept.
-Without a val split, train is split at random with ``val_fraction`` and ``seed``.
+Keys ``inputs``/``targets`` (train), optional ``val_*``/``test_*`` and ``classes``; the target dtype decides the
+task (integer: classification, floating: regression). See docs/architecture.md#data-and-imports.
 """
 from __future__ import annotations
 
@@ -21,9 +14,10 @@ import struct
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 
-from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
 from edgec.core.errors import EdgecError
+from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 KNOWN_KEYS = {"inputs", "targets", "val_inputs", "val_targets", "test_inputs", "test_targets", "classes"}
@@ -91,8 +85,6 @@ def _read_npz(path: str, raw: bytes) -> tuple[dict, list | None]:
 
 
 def _read_safetensors(path: str, raw: bytes) -> tuple[dict, list | None]:
-    from safetensors.torch import load as st_load
-
     try:
         (n,) = struct.unpack("<Q", raw[:8])
         header = json.loads(raw[8 : 8 + n])

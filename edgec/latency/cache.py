@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from edgec.core.errors import EdgecError
-from edgec.latency import profile as profile_mod
+from edgec.latency import profiling as profile_mod
 from edgec.latency.shapes import resolve_shapes
 from edgec.latency.table import _canonical, read_table, save_table, table_key, table_request
 
@@ -28,10 +28,8 @@ def cached(model, threads: int = 1, shapes=None, *, batch: int = 1, units=None, 
            refresh: bool = False, folder: str | Path | None = None, progress=None, **profile_options) -> dict:
     """The latency table for ``model`` at ``shapes``/``batch`` with ``threads`` on this machine: read from the
     cache when one with the identical key and request exists (``_cache.hit``), else profiled
-    (:func:`edgec.latency.profile.profile`, ``profile_options`` passed on) and stored atomically.
+    (:func:`edgec.latency.profiling.profile`, ``profile_options`` passed on) and stored atomically.
     The returned dict has ``_cache = {"hit": bool, "path": str}`` (not written to files)."""
-    from edgec.latency import profile as profile_mod
-
     densities = profile_mod.DEFAULT_DENSITIES if densities is None else densities
     patterns = profile_mod.DEFAULT_PATTERNS if patterns is None else patterns
     shapes = resolve_shapes(model.spec, shapes, batch)

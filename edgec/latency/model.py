@@ -1,23 +1,8 @@
-"""The latency model of ALCS: piecewise-linear per-unit curves plus a calibrated remainder.
+"""The ALCS latency model: piecewise-linear per-unit curves from a latency table plus a calibrated remainder.
 
-For unit ``u`` under pattern ``p`` the table holds measured medians ``t_u,p(d_i)`` at densities ``d_i`` (the
-densities actually timed, 1.0 included). ``t̂_u,p(s)`` interpolates them linearly: exact at every measured
-point, linear between neighbours; below the lowest measured density (or above 1.0 — refused) the end segment
-is extended, floored at 0 ms. Every pattern of a unit shares the dense point, so
-
-    T(s) = remainder + Σ_u t̂_u,p_u(s_u) + Σ_shared c_l·(1 − a_l)(1 − b_l),    remainder = T_dense − Σ_u t_u(1.0)
-
-gives ``T(all 1.0) = T_dense`` exactly whatever the patterns. Units not named in ``densities`` stay dense.
-The last sum is the correction for layers whose outputs shrink with one unit and inputs with another
-(``interactions`` in the table, see ``edgec.latency.profile``): ``a_l``/``b_l`` are the channel densities of
-the two units (1.0 under a SIMD pattern, which keeps shapes), ``c_l`` the layer's measured slope. It is 0
-when either unit is dense, so each unit's curve is reproduced exactly; tables without interactions give
-exactly the plain ALCS sum.
-
-:func:`min_latency` is the least ``T`` reachable on the measured grid (every unit at its fastest measured
-point among the allowed patterns, normally its lowest density; measurement noise can make another point
-faster, and then that one counts): a budget below it is infeasible. :func:`model_error` compares
-estimates with real measurements of exported pruned models.
+``T(s) = remainder + Σ_u t̂_u(s_u) + Σ_shared c_l·(1 − a_l)(1 − b_l)``, exact at the dense point and at every
+measured single-unit point; :func:`min_latency` bounds feasible budgets and :func:`model_error` compares
+estimates with measured exports. The math: see docs/methods.md#latency-model.
 """
 from __future__ import annotations
 
@@ -26,6 +11,8 @@ from bisect import bisect_left
 import numpy as np
 
 from edgec.core.errors import EdgecError
+from edgec.latency.table import check_table, normalise_patterns, validate
+from edgec.onnx.session import measure_onnx
 
 
 def interpolate(xs, ys, s: float) -> float:
@@ -58,8 +45,6 @@ class LatencyModel:
     """A table turned into fast curves: ``estimate`` in the optimiser's inner loop costs a few µs per unit."""
 
     def __init__(self, table: dict):
-        from edgec.latency.table import validate
-
         validate(table)
         self.table = table
         self.remainder = float(table["remainder_ms"])
@@ -160,8 +145,6 @@ class LatencyModel:
 
 
 def _pattern_names(patterns) -> list[str]:
-    from edgec.latency.table import normalise_patterns
-
     return normalise_patterns(patterns)
 
 
@@ -180,7 +163,7 @@ def breakdown(table, densities: dict | None = None, pattern: str = "channel") ->
 
 
 def min_latency(table, patterns=None, floor: float | None = None) -> float:
-    """The least latency the table says is reachable (see the module docstring); budgets below it are infeasible."""
+    """The least latency the table says is reachable (docs/methods.md#latency-model); budgets below it are infeasible."""
     return _model(table).min_latency(patterns, floor)
 
 
@@ -223,9 +206,6 @@ def model_error(table, cases, *, pattern: str = "channel", inputs: dict | None =
     measured_ms, p10_ms, p90_ms, error_ms, rel_error}], "mean_abs_rel_error", "max_abs_rel_error", "warnings"}``;
     ``rel_error = (estimate − measured) / measured``.
     """
-    from edgec.onnx.session import measure_onnx
-    from edgec.latency.table import check_table
-
     lm = _model(table)
     tbl = lm.table
     threads = int(tbl["key"]["threads"] if threads is None else threads)

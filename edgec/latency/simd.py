@@ -1,30 +1,14 @@
-"""SIMD-structured (ALCS 1×N) sparsity and its execution path in ONNX.
+"""SIMD-structured (ALCS 1×N) sparsity and its execution path in ONNX ("gathered blocks").
 
-Pattern: the output channels of a Linear / 1×1 convolution are cut into blocks of ``N`` consecutive channels
-(N = SIMD lanes: 8 for fp32 on AVX2, 4 on 128-bit NEON). For each block ``b`` and input channel ``i`` the
-*vector* ``W[b·N:(b+1)·N, i]`` is kept or removed whole. A mask is a boolean array ``(n_blocks, in)``,
-``n_blocks = ceil(out / N)`` (the last block may be short; its missing rows are zero padding).
-
-Execution path ("gathered blocks"): block ``b`` only needs the inputs it keeps, ``K_b``. All blocks are
-padded to ``k = max_b |K_b|`` kept inputs (padding reads input 0 with a zero weight, so it is exact), and the
-layer becomes one Gather and one batched MatMul of dense blocks:
-
-* linear, x ``(..., I)``: ``Reshape(-1, I) → Transpose → (I, M) → Gather(idx (nb, k), axis 0) → (nb, k, M)
-  → MatMul(Wb (nb, N, k), ·) → (nb, N, M) → Reshape (nb·N, M) → [Slice :O] → Transpose → (M, O) → + bias
-  → Reshape (..., O)``. The weight is the left operand so each block is an N×k by k×M product: MLAS's
-  kernel runs along the long token axis M instead of along N (which is only 8 wide).
-* 1×1 conv, x ``(B, C, *S)``: ``Gather(idx, axis 1) → (B, nb, k, *S) → Reshape (B, nb, k, S)
-  → MatMul(Wb, ·) → (B, nb, N, S) → Reshape (B, nb·N, *S)``, no transposes needed.
-
-Cost: ``nb·N·k·M`` multiply-adds (density ``k / I``; a mask with unbalanced blocks pays for its fullest
-block, so pruners should keep the same number of vectors per block — :func:`vector_mask` does) plus the
-gather and, for linear layers, two transposes of the activations. Whether this beats the dense MatMul (or
-a channel-pruned one of the same density) is a property of the runtime and CPU; ``edgec.latency.profile``
-measures it (pattern ``simd:N``) instead of assuming it.
+N consecutive output channels at one input channel form a vector that is kept or removed whole; a masked
+Linear / 1×1 conv runs as one Gather plus one batched MatMul of dense blocks, so it can be timed in
+onnxruntime rather than assumed faster. Pattern, graph and cost: see docs/methods.md#simd-1xn.
 """
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from edgec.core.errors import EdgecError
 
@@ -150,14 +134,12 @@ def gathered_blocks(weight, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
 
 def simd_nodes(x: str, y: str, weight, mask: np.ndarray, n: int, bias=None, layout: str = "linear",
                prefix: str = "simd"):
-    """ONNX nodes and initializers computing ``y = layer(x)`` with the SIMD-masked weight (module docstring).
+    """ONNX nodes and initializers computing ``y = layer(x)`` with the SIMD-masked weight (docs/methods.md#simd-1xn).
 
     ``layout``: "linear" (x ``(..., in)``, any rank >= 2) or "conv" (1×1 conv, x ``(B, C, *spatial)``, stride 1,
     no padding). Returns ``(nodes, initializers)``; names are made unique with ``prefix``. Meant both for the
     standalone :func:`simd_layer_onnx` and for rewriting a layer inside an exported model.
     """
-    from onnx import helper, numpy_helper
-
     w = _as_matrix(weight)
     out, _ = w.shape
     idx, wb = gathered_blocks(w, mask, n)
@@ -236,9 +218,6 @@ def simd_layer_onnx(weight, mask_vectors: np.ndarray, n: int, bias=None, layout:
     for a symbolic axis); default ``(None, in)`` / ``(None, in, None)``. Numerically equal (fp32 summation
     order aside) to the dense layer with :func:`masked_weight`.
     """
-    import onnx
-    from onnx import TensorProto, helper
-
     w = weight.detach().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)
     if layout is None:
         layout = "linear" if w.ndim == 2 else "conv"

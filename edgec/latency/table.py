@@ -1,61 +1,22 @@
-"""Latency tables: the JSON file ``edgec profile`` writes, its key, the cache, and loading a device's table.
+"""Latency tables: the JSON file ``edgec profile`` writes (``edgec.latency-table/1``), its key, and loading a
+device's table.
 
-Format (``edgec.latency-table/1``; written with sorted keys and 1-space indent, so the same table is the
-same bytes; no timestamps)::
-
-    {"format": "edgec.latency-table/1",
-     "key": {                                   # what the numbers depend on
-        "runtime": "onnxruntime", "runtime_version": "1.32.0", "provider": "CPUExecutionProvider",
-        "threads": 1, "cpu": "AMD EPYC ...", "machine": "x86_64", "cores": 2,
-        "arch": "conformer", "config_digest": "<sha256 of arch + config + structural passes>",
-        "inputs": [{"name": "features", "shape": [1, 200, 40], "dtype": "float32"}]},
-     "request": {"densities": [1.0, 0.875, ...], "patterns": ["channel", "simd:8"],
-                 "units": [{"name", "kind", "width", "layers", "consumers"}, ...]},
-     "model": {"arch", "config", "digest"},     # informative: weights do not change fp32 latency
-     "inputs": [{"name", "shape", "dtype"[, "high", "ones"]}],
-     "protocol": {"warmup", "repeats", "min_seconds", "rounds", ...},
-     "machine_info": {"usable_cores": 2},
-     "densities": [1.0, 0.875, ...],            # the requested grid
-     "dense": {"median_ms", "p10_ms", "p90_ms", "runs_ms": [before, after]},   # whole dense model
-     "units": [{"name", "kind", "width", "layers", "consumers", "per_channel", "untimed": [...],
-                "layer_info": {layer: {"kind", "weight", "bias", "groups", "input_shapes"}}, "dense_ms",
-                "patterns": {"channel": {"density": [1.0, 0.875, ...], "kept": [64, 56, ...],
-                                         "median_ms": [...], "p10_ms": [...], "p90_ms": [...]},
-                             "simd:8": {...}}}],
-     "interactions": [{"layer", "out_unit", "in_unit", "slope_ms", "dense_ms", "ref_density", "out_ms",
-                       "in_ms"}],           # layers shrunk by two units (see edgec.latency.profile)
-     "units_dense_sum_ms": Σ unit dense,
-     "remainder_ms": dense − Σ unit dense,      # everything outside the units (may be < 0, see profile.py)
-     "run_overhead_ms": one session.run of a trivial graph,
-     "edgec_version": "0.1.0"}
-
-``density`` per pattern is the density actually timed, descending: for "channel" ``kept / width`` after
-rounding (``kept`` = units kept); for "simd:N" kept vectors / all vectors of the unit's eligible producers
-(``kept`` = vectors kept). Points that round to the same configuration are timed once. Every pattern starts
-with the shared dense point 1.0.
-
-Matching a table to a model (``load_table``, ``--table`` from the target device):
-
-* must match (else refused): ``arch``, ``config_digest`` and the inputs (names, shapes, dtypes) — the
-  table describes another network or another input size otherwise; and every unit's layers must exist;
-* may differ, with a warning recorded in ``load_warnings``: ``runtime``, ``runtime_version``, ``provider``,
-  ``threads``, ``cpu``, ``machine``, ``cores`` — a table measured on the deployment device is applied on
-  a CI machine on purpose. ``strict=True`` refuses these too.
-
-The cache (``cached``) reuses a table only when the key (this machine's) and the request (units, grid,
-patterns) are identical; files live in ``$EDGEC_CACHE/latency`` (else ``./.cache/edgec/latency``), named
-``<arch>-<digest of key and request>.json``, written atomically.
+Written with sorted keys and no timestamps, so the same table is the same bytes. A table from another
+machine (``--table``) must match the model's arch, config digest and inputs; runtime, threads and CPU may
+differ with a warning. Schema and matching rules: see docs/methods.md#latency-tables.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
-import re
 from pathlib import Path
 
+import numpy as np
+
+from edgec import __version__
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import atomic_write
 from edgec.latency.shapes import resolve_shapes
 from edgec.latency.simd import parse_pattern, pattern_name
 from edgec.latency.units import as_unit
@@ -126,7 +87,6 @@ def table_request(units, densities, patterns) -> dict:
 
 def make_table(*, key: dict, request: dict, model, units: list, dense: dict, units_sum: float, overhead: float,
                inputs: list, protocol: dict, interactions: list | None = None) -> dict:
-    from edgec import __version__
     return {
         "format": FORMAT,
         "key": key,
@@ -155,8 +115,6 @@ def dumps(table: dict) -> str:
 
 
 def save_table(table: dict, path: str | Path) -> Path:
-    from edgec.core.fileio import atomic_write
-
     path = Path(path)
     if path.is_dir():
         raise EdgecError(f"output {path} is a directory; give a file name")
@@ -304,7 +262,6 @@ def plot_table(table: dict, path: str | Path, patterns=None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise EdgecError("plotting needs matplotlib: pip install 'edgec[plot]' (or pip install matplotlib)") from None
-    import numpy as np
 
     units = table["units"]
     patterns = list(patterns or sorted({p for u in units for p in u["patterns"]}, key=lambda p: p != "channel"))

@@ -123,6 +123,10 @@ class LowBitLinear(LowBitLayer):
         return F.linear(quantize_act(x, self.act), self.dequantized(), self.bias)
 
 
+def _as_tuple(v, dims: int) -> tuple:
+    return (v,) * dims if isinstance(v, int) else tuple(v)
+
+
 class _LowBitConv(LowBitLayer):
     _conv = None
 
@@ -131,10 +135,10 @@ class _LowBitConv(LowBitLayer):
                  act: str = "none"):
         super().__init__()
         dims = 1 if self._conv is F.conv1d else 2
-        as_tuple = (lambda v: (v,) * dims if isinstance(v, int) else tuple(v))
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = as_tuple(kernel_size), as_tuple(stride), as_tuple(dilation)
-        self.padding = padding if isinstance(padding, str) else as_tuple(padding)
+        self.kernel_size = _as_tuple(kernel_size, dims)
+        self.stride, self.dilation = _as_tuple(stride, dims), _as_tuple(dilation, dims)
+        self.padding = padding if isinstance(padding, str) else _as_tuple(padding, dims)
         self._init_lowbit((out_channels, in_channels // groups, *self.kernel_size), bias, group_size, bits, shift, act)
 
     def forward(self, x):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+from edgec.core.errors import EdgecError, first_line
+
 ZOO: dict[str, str] = {
     "convtransformer": "edgec.models.convtransformer:ConvTransformer",
     "conformer": "edgec.models.conformer:Conformer",
@@ -24,8 +26,6 @@ ZOO: dict[str, str] = {
 
 def resolve(arch: str):
     """Return the class for a zoo name or an explicit ``package.module:Class``."""
-    from edgec.core.errors import EdgecError
-
     target = ZOO.get(arch)
     if target is None:
         if ":" not in arch:
@@ -44,8 +44,6 @@ def resolve(arch: str):
 
 def full_config(arch: str, overrides: dict | None = None) -> dict:
     """Defaults merged with overrides; unknown keys are refused so typos do not pass silently."""
-    from edgec.core.errors import EdgecError
-
     config = dict(resolve(arch).default_config())
     for key, value in (overrides or {}).items():
         if key not in config:
@@ -56,8 +54,6 @@ def full_config(arch: str, overrides: dict | None = None) -> dict:
 
 def build(arch: str, config: dict):
     """Instantiate an architecture (eval mode); a config the class rejects is bad input, not a crash."""
-    from edgec.core.errors import EdgecError, first_line
-
     cls = resolve(arch)
     try:
         model = cls(**config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgec.core.errors import EdgecError
 from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 # HF "gelu" is the exact erf GELU; "gelu_new" (a Python tanh formula) and "gelu_pytorch_tanh" are the
@@ -166,8 +167,6 @@ class Bert(nn.Module):
                  layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                  classifier_dropout=None, pad_token_id=0, num_labels=2, add_pooler=True):
         super().__init__()
-        from edgec.core.errors import EdgecError
-
         if hidden_size % num_attention_heads:
             raise EdgecError(f"bert: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
         if hidden_act not in ACTIVATIONS:

@@ -1,27 +1,23 @@
 """The one module that reads and writes edgec checkpoints.
 
-A checkpoint is plain data, never code::
-
-    {"format": "edgec.models.checkpoint/1",
-     "model": {"arch": str, "config": dict},
-     "passes": [{"pass", "version", "params"}, ...],   # structural log, replayed on load
-     "state_dict": {name: Tensor},
-     "provenance": [record, ...],
-     "digest": sha256 hex}
-
-It is written with ``torch.save`` of these containers (to memory, then a temporary file renamed into
-place, so an interrupted write never leaves a partial file and the archive holds no file name) and read
-with ``torch.load(weights_only=True)``, which refuses any pickle that would import or call code.
+A checkpoint is plain data, never code: ``{format, model: {arch, config}, passes, state_dict, provenance,
+digest}``, written atomically with ``torch.save`` and read with ``torch.load(weights_only=True)``; loading
+rebuilds the architecture and replays the structural passes. See docs/architecture.md#checkpoints.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from edgec import models
 from edgec.core.errors import EdgecError, first_line
 from edgec.core.fileio import atomic_write, read_data, serialize
+from edgec.core.graph import Model, trace
+from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
 
-FORMAT = "edgec.models.checkpoint/1"
+FORMAT = "edgec.checkpoint/1"
 
 
 def save_checkpoint(model, path: str | Path) -> str:
@@ -40,8 +36,6 @@ def save_checkpoint(model, path: str | Path) -> str:
 
 
 def _describe_non_checkpoint(obj) -> str:
-    import torch
-
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return (f"a bare state_dict ({len(obj)} tensors), not an edgec checkpoint; "
                 "pass --arch NAME or --arch package.module:Class to load it into an architecture")
@@ -57,10 +51,6 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
     With ``arch`` a bare state_dict is accepted and wrapped with that architecture (default config
     updated by ``config``).
     """
-    from edgec import models
-    from edgec.core.graph import Model
-    from edgec.core.pass_manager import replay
-
     path = Path(path)
     obj = read_data(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -80,7 +70,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
             # Importing a module named inside a file would let the file choose code to run.
             raise EdgecError(f"{path} uses the user architecture '{stored}'; "
                              f"pass --arch {stored} to allow importing it")
-    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.models.checkpoint/"):
+    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
         raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
     elif arch is not None and isinstance(obj, dict) and not _describe_non_checkpoint(obj).startswith("not"):
         arch_name, cfg, passes, state_dict = arch, models.full_config(arch, config), [], obj
@@ -101,8 +91,6 @@ def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | No
 
 
 def trace_or_error(module, arch: str):
-    from edgec.core.graph import trace
-
     try:
         return trace(module)
     except Exception as exc:  # fx raises many types for untraceable code
@@ -111,8 +99,6 @@ def trace_or_error(module, arch: str):
 
 
 def check_finite(state_dict: dict, path) -> None:
-    import torch
-
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise EdgecError(f"{path}: state_dict entry '{name}' is a {type(t).__name__}, not a tensor")
@@ -144,11 +130,6 @@ def load_state_dict_strict(gm, state_dict: dict, path) -> None:
 
 def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: dict | None = None):
     """A freshly initialised zoo (or user) model, deterministic in ``seed``."""
-    import torch
-
-    from edgec import models
-    from edgec.core.graph import Model
-
     cfg = models.full_config(arch, overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

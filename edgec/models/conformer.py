@@ -1,16 +1,9 @@
 """Conformer (Gulati et al. 2020, "Conformer: Convolution-augmented Transformer for Speech Recognition").
 
-Block: ``x + 0.5 FFN1(x)`` -> ``x + MHSA(x)`` -> ``x + Conv(x)`` -> ``x + 0.5 FFN2(x)`` -> LayerNorm, each
-sub-module pre-normalised. The convolution module is LN -> pointwise Conv1d(d, 2d) -> GLU -> depthwise
-Conv1d -> BatchNorm1d -> SiLU -> pointwise Conv1d(d, d) -> dropout.
-
-Edge choices (documented, configurable where it matters):
-
-* absolute sinusoidal positions after subsampling instead of Transformer-XL relative attention: the conv
-  module already carries relative position, and the plain attention keeps every FFN/attention pattern
-  that the passes match;
-* the depthwise conv has no bias and feeds nothing but its BatchNorm, so BN folding sees ``Conv -> BN``;
-* a pooled linear head (utterance classification) instead of an ASR decoder.
+Block: ``x + 0.5 FFN1`` -> ``x + MHSA`` -> ``x + Conv`` -> ``x + 0.5 FFN2`` -> LayerNorm, each pre-normalised;
+conv module LN -> pointwise(d, 2d) -> GLU -> depthwise -> BatchNorm -> SiLU -> pointwise(d, d). Edge choices:
+absolute sinusoidal positions (plain attention keeps the patterns passes match), a bias-free depthwise conv
+feeding only its BatchNorm (so BN folding sees ``Conv -> BN``), a pooled linear head.
 """
 from __future__ import annotations
 

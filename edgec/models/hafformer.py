@@ -1,14 +1,9 @@
-"""HAFFormer: hierarchical attention-free transformer (arXiv 2405.03952).
+"""HAFFormer: hierarchical attention-free transformer (Dong et al., arXiv 2405.03952).
 
-Attention is replaced by a multi-scale depthwise convolution (MSDC) and the FFN by a GELU-gated linear unit
-(GEGLU); blocks run at three levels of a hierarchy (frame -> utterance -> dialogue), each level reached by
-average-pooling ``m`` tokens, a Linear to the next width and a LayerNorm:
-
-    X <- X + MSDC(LN(X)),   MSDC(X) = pointwise(sum_k DWConv1d_k(X)),   k in kernel_sizes (choice: 3, 5, 7)
-    X <- X + GEGLU(LN(X)),  GEGLU(X) = w_o(GELU(w_g X) * w_v X)
-
-Here a single feature sequence plays all three levels (the paper pools frames of one utterance into
-utterance tokens and utterances into dialogue tokens); pool sizes and widths are config.
+``X <- X + MSDC(LN(X))`` with MSDC = pointwise(sum_k DWConv1d_k) (kernel sizes 3, 5, 7: choice) replaces
+attention, and ``X <- X + GEGLU(LN(X))`` with GEGLU = w_o(GELU(w_g X) * w_v X) replaces the FFN; levels
+(frame -> utterance -> dialogue) are reached by average-pooling, a Linear and a LayerNorm. Here one feature
+sequence plays all three levels; pool sizes and widths are config.
 """
 from __future__ import annotations
 

@@ -1,29 +1,20 @@
 """Import Hugging Face BERT checkpoints (``config.json`` + ``model.safetensors``) into the zoo ``bert``.
 
-Reads the files directly: no ``transformers`` import, and only safetensors (data, never code); a
-``pytorch_model.bin`` is a pickle and is refused. The zoo ``Bert`` mirrors HF's module names, so the key
-mapping is: strip a ``bert.`` prefix, rename legacy ``LayerNorm.gamma/beta`` to ``weight/bias``, drop
-non-parameter buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) and the
-pre-training heads (``cls.*``: MLM / next-sentence, which the zoo has no use for; HF's own
-``BertModel.from_pretrained`` drops them the same way). Everything else must match exactly.
-
-Decisions:
-
-* ``BertModel`` checkpoints give ``num_labels = 0`` (outputs last_hidden_state, pooler_output);
-  a ``classifier.*`` tensor (BertForSequenceClassification) gives ``num_labels`` from its shape.
-* A checkpoint without ``pooler.*`` (``BertModel(add_pooling_layer=False)``) imports with
-  ``add_pooler = False`` and outputs only last_hidden_state; HF's config does not record this, so it is
-  inferred from the tensors.
-* Config keys absent from config.json take ``transformers.BertConfig``'s defaults, as HF does; a wrong
-  default then shows up as a shape mismatch naming the tensor.
-* Floating tensors are returned as float32 (fp16/bf16 checkpoints load into the float32 zoo model).
+Reads the files directly (no ``transformers`` import) and only safetensors, since ``pytorch_model.bin`` is a
+pickle. The zoo ``Bert`` mirrors HF's module names, so the key mapping is near-identity. Mapping rules and
+the decisions about heads, pooler and defaults: see docs/architecture.md#data-and-imports.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from edgec.core.errors import EdgecError
+from edgec.models.bert import ACTIVATIONS, Bert
 
 # transformers.BertConfig defaults, used for keys a config.json leaves out.
 HF_DEFAULTS = {
@@ -53,8 +44,6 @@ def read_hf_config(path: Path) -> dict:
     model_type = hf.get("model_type")
     if model_type != "bert":
         raise EdgecError(f"{path}: model_type is {model_type!r}, expected 'bert'")
-    from edgec.models.bert import ACTIVATIONS
-
     act = hf.get("hidden_act", HF_DEFAULTS["hidden_act"])
     if act not in ACTIVATIONS:
         raise EdgecError(f"{path}: hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
@@ -91,9 +80,6 @@ def read_hf_config(path: Path) -> dict:
 
 def _load_safetensors(folder: Path) -> tuple[dict, Path]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -161,8 +147,6 @@ def read_hf_bert(folder) -> tuple[dict, dict]:
     (or ``BertForSequenceClassification``) outputs. Raises ``EdgecError`` with one line naming the file or
     tensor for every problem.
     """
-    import torch
-
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgecError(f"{folder}: Hugging Face model folder not found")
@@ -187,8 +171,6 @@ def read_hf_bert(folder) -> tuple[dict, dict]:
         raise EdgecError(f"{source}: missing tensors pooler.dense.weight, pooler.dense.bias "
                          "(a sequence classifier reads the pooled output)")
 
-    from edgec.models.bert import Bert
-
     # Build on the meta device: just the expected names and shapes, no memory or init time.
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Bert(**config).state_dict().items()}
@@ -212,8 +194,6 @@ def read_hf_bert(folder) -> tuple[dict, dict]:
 
 def load_hf_bert(folder):
     """Convenience: the zoo ``Bert`` (eval mode) with the weights of a Hugging Face BERT folder."""
-    from edgec.models.bert import Bert
-
     config, state = read_hf_bert(folder)
     model = Bert(**config)
     model.load_state_dict(state, strict=True)

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from edgec.core.spec import Dim, InputSpec, TensorSpec
+
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -122,8 +124,6 @@ def positional_encoding(kind: str, d_model: int, max_len: int = 2048) -> nn.Modu
 
 def speech_input_spec(n_mels: int, *, time_min: int = 16, time_max: int = 2048, extra: dict | None = None):
     """The shared spec of the speech zoo: ``features`` (batch, time, n_mels) float32 log-mel -> ``logits``."""
-    from edgec.core.spec import Dim, InputSpec, TensorSpec
-
     batch = Dim("batch", example=2, alt=3, min=1, max=1024)
     time = Dim("time", example=200, alt=137, min=time_min, max=time_max)
     return InputSpec(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgec.core.spec import Dim, InputSpec, TensorSpec
+
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out))
@@ -67,8 +69,6 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def input_spec(self):
-        from edgec.core.spec import Dim, InputSpec, TensorSpec
-
         s = self.image_size
         batch = Dim("batch", example=2, alt=3, min=1, max=1024)
         height = Dim("height", example=s, alt=s + 3, min=4, max=512)

@@ -1,39 +1,31 @@
 """Verified ONNX export: torch graph -> ONNX bytes that carry their own provenance.
 
-Steps: refuse a graph with unfolded scaffolds; export with torch's dynamo exporter at a pinned opset with
-the model's dynamic axes; strip exporter metadata (it embeds source paths and Python qualnames) so the
-same checkpoint always gives the same bytes; run the file in onnxruntime on generated inputs at the
-traced shape and at a second batch/sequence shape and compare with torch; embed the whole pass chain as
-JSON under the ``edgec.provenance`` metadata key.
-
-Tolerance: max |ORT − torch| / max(1, max |torch|) ≤ 1e-4 by default (fp32 kernels in ORT fuse and
-reorder reductions, so bit-exactness is not expected; observed errors are ~1e-6).
-
-Weights (``weights=``): "fp32" exports every weight as the exporter writes it (low-bit layers as their int8
-codes and the float ops that dequantize them, opset 20 by default); "int2" stores every ternary/binary layer as
-real 2-bit data (opset 25, IR 13; see ``edgec.onnx.int2`` for the per-layer forms, their choice by
-measurement and the size accounting) and refuses a model without low-bit layers; "auto" (default) is int2 when
-the model has low-bit layers, else fp32. For int2 the gating parity check runs with
-``session.qdq_matmulnbits_accuracy_level = 0`` (no int8 quantization of activations in the DQ+MatMul →
-MatMulNBits fusion ORT applies by default), at the same tolerance; the error of a default session is recorded
-for information (``checks.ort_parity_default_session``).
-
-The export runs with parameters frozen (``requires_grad=False``) so straight-through estimators in activation
-quantizers trace as their eval-mode forward (Sign/Add/Mul), exactly as ``Model.run`` computes them.
+Refuses unfolded scaffolds; exports with torch's dynamo exporter at a pinned opset; strips exporter metadata so the
+same checkpoint always gives the same bytes; checks onnxruntime against torch at two input shapes; embeds the pass
+chain under ``edgec.provenance``. ``weights="int2"`` stores ternary/binary layers as 2-bit data
+(``edgec.onnx.int2``). See docs/methods.md#int2-export.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 
+import onnx
+import onnxruntime
+import torch
+
+from edgec import __version__
 from edgec.core.errors import CheckFailed, EdgecError
 from edgec.core.graph import Model, canonical_json, max_error
+from edgec.core.ops import EXPORT_TOLERANCE as TOLERANCE
 from edgec.core.provenance import record as provenance_record
+from edgec.onnx import int2 as lb
+from edgec.onnx.session import create_session
 
 DEFAULT_OPSET = 20
-TOLERANCE = 1e-4
 PROVENANCE_KEY = "edgec.provenance"
 
 
@@ -68,8 +60,6 @@ def to_onnx(model: Model, opset: int = DEFAULT_OPSET, rewrite=None):
     ``rewrite``: a function applied in place to the exporter's ``onnx_ir.Model`` before it is optimized (the
     optimizer then runs on the result, as it would have on the plain export).
     """
-    import torch
-
     spec = model.spec
     gm = model.clone().gm.eval()
     for p in gm.parameters():  # eval-mode forward: no straight-through branches in the traced graph
@@ -97,7 +87,7 @@ def to_onnx(model: Model, opset: int = DEFAULT_OPSET, rewrite=None):
 
 def strip_metadata(proto) -> None:
     """Remove exporter node metadata and doc strings (they hold file paths and qualnames)."""
-    graphs = [proto.graph] + [f for f in proto.functions]
+    graphs = [proto.graph] + list(proto.functions)
     while graphs:
         g = graphs.pop()
         if hasattr(g, "metadata_props"):
@@ -123,8 +113,6 @@ def strip_metadata(proto) -> None:
 
 def ort_session(data: bytes, threads: int = 1, **config):
     """A session with the same options eval and latency measurement use (edgec.onnx.session)."""
-    from edgec.onnx.session import create_session
-
     return create_session(data, threads, config)
 
 
@@ -160,92 +148,104 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     The returned record is the one embedded in the file, plus (int2 only) ``measurements`` (per-layer timings,
     not embedded because they vary run to run) and ``size`` (file bytes and the fp32-equivalent file size).
     """
-    import onnx
-
-    from edgec.onnx import int2 as lb
-
     refuse_scaffolds(model)
     mode = lb.resolve_weights(model, weights)
     lb.check_forms(forms)
     mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
-    report = measurements = None
-    if mode == "int2":
-        state = {}
-
-        def rewrite(ir_model):
-            state["result"] = lb.lowbit_rewrite(model, ir_model, forms=forms, threads=threads)
-
-        proto = to_onnx(model, opset, rewrite=rewrite)
-        report, measurements, storage = state["result"]
-        lb.check_storage(proto, storage)
-        proto.ir_version = max(proto.ir_version, lb.LOWBIT_IR_VERSION)
-    else:
-        proto = to_onnx(model, opset)
+    proto, report, measurements = _exported_proto(model, mode, opset, forms, threads)
     plain = proto.SerializeToString(deterministic=True)
+    _validate(proto)
+    checks, config = _parity_checks(model, plain, mode, tolerance)
+    params = {"opset": opset, "weights": mode}
+    if weights != mode:
+        params["weights_requested"] = weights
+    if mode == "int2":
+        params.update({"forms": forms, "ir_version": proto.ir_version})
+    record = provenance_record("export.onnx", 1, params, input_digest=model.digest(), checks=checks,
+                               tools=tool_versions or versions())
+    if report is not None:
+        record["lowbit"] = report
+    data = _embed_provenance(proto, model, record)
+    check = checks["ort_parity"]
+    if not check["passed"]:
+        raise CheckFailed(f"ONNX parity check failed: relative error {check['rel_error']:.3g} > tolerance "
+                          f"{tolerance:.3g}" + (f" (session config {config})" if config else ""))
+    if mode == "int2":
+        record = dict(record, measurements=measurements, size=_size_report(data, report))
+    return data, record
+
+
+def _exported_proto(model: Model, mode: str, opset: int, forms: str, threads: int):
+    """(proto, lowbit report, measurements); int2: the graph is rewritten before optimization, codes checked after."""
+    if mode != "int2":
+        return to_onnx(model, opset), None, None
+    state = {}
+
+    def rewrite(ir_model):
+        state["result"] = lb.lowbit_rewrite(model, ir_model, forms=forms, threads=threads)
+
+    proto = to_onnx(model, opset, rewrite=rewrite)
+    report, measurements, storage = state["result"]
+    lb.check_storage(proto, storage)
+    proto.ir_version = max(proto.ir_version, lb.LOWBIT_IR_VERSION)
+    return proto, report, measurements
+
+
+def _validate(proto) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"exported ONNX does not validate: {str(exc).splitlines()[0]}") from None
+
+
+def _parity_checks(model: Model, plain: bytes, mode: str, tolerance: float) -> tuple[dict, dict]:
+    """(checks, session config): ORT vs torch; int2 gates on the strict config and records the default one."""
     config = dict(lb.STRICT_SESSION_CONFIG) if mode == "int2" else {}
     parity = ort_parity(model, plain, config=config)
     worst = max(v["rel_error"] for v in parity.values())
     check = {"parity": parity, "rel_error": worst, "tolerance": tolerance, "passed": worst <= tolerance}
     checks = {"ort_parity": check}
-    params = {"opset": opset, "weights": mode}
-    if weights != mode:
-        params["weights_requested"] = weights
     if mode == "int2":
         check["session_config"] = config
         default = ort_parity(model, plain)
         checks["ort_parity_default_session"] = {
             "parity": default, "rel_error": max(v["rel_error"] for v in default.values()), "informational": True,
             "note": "default ORT session: DQ+MatMul fused into MatMulNBits with int8-quantized activations"}
-        params.update({"forms": forms, "ir_version": proto.ir_version})
-    record = provenance_record("export.onnx", 1, params, input_digest=model.digest(), checks=checks,
-                               tools=tool_versions or versions())
-    if report is not None:
-        record["lowbit"] = report
+    return checks, config
+
+
+def _embed_provenance(proto, model: Model, record: dict) -> bytes:
+    """The file's bytes with the whole pass chain (plus this export's record) under ``PROVENANCE_KEY``."""
     provenance = {
         "format": "edgec.provenance/1",
         "arch": model.arch, "config": model.config, "spec": model.spec.to_json(),
         "checkpoint_digest": model.digest(),
         "passes": model.provenance + [record],
     }
-    from edgec import __version__
-
     proto.producer_name = "edgec"
     proto.producer_version = __version__
     entry = proto.metadata_props.add()
     entry.key, entry.value = PROVENANCE_KEY, canonical_json(provenance)
-    data = proto.SerializeToString(deterministic=True)
-    if not check["passed"]:
-        raise CheckFailed(f"ONNX parity check failed: relative error {worst:.3g} > tolerance {tolerance:.3g}"
-                          + (f" (session config {config})" if config else ""))
-    if mode == "int2":
-        w = report["weights"]
-        fp32_equiv = len(data) - w["int2_bytes"] - w["aux_bytes"] + w["fp32_bytes"]
-        record = dict(record, measurements=measurements, size={
-            "file_bytes": len(data), "fp32_equivalent_file_bytes": fp32_equiv, "file_ratio": len(data) / fp32_equiv,
-            "lowbit_weight_ratio": w["ratio"], "int2_payload_ratio": w["int2_ratio"],
-            "note": "fp32-equivalent = this file with every low-bit weight stored as float32 instead of its INT2 "
-                    "codes, scales, shifts and zero points; layers listed in lowbit.fp32_layers stay float32"})
-    return data, record
+    return proto.SerializeToString(deterministic=True)
+
+
+def _size_report(data: bytes, report: dict) -> dict:
+    """File size against the same file with every low-bit weight stored as float32."""
+    w = report["weights"]
+    fp32_equiv = len(data) - w["int2_bytes"] - w["aux_bytes"] + w["fp32_bytes"]
+    return {
+        "file_bytes": len(data), "fp32_equivalent_file_bytes": fp32_equiv, "file_ratio": len(data) / fp32_equiv,
+        "lowbit_weight_ratio": w["ratio"], "int2_payload_ratio": w["int2_ratio"],
+        "note": "fp32-equivalent = this file with every low-bit weight stored as float32 instead of its INT2 "
+                "codes, scales, shifts and zero points; layers listed in lowbit.fp32_layers stay float32"}
 
 
 def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from edgec import __version__
-
     return {"edgec": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
 
 
 def read_provenance(proto) -> dict | None:
-    import json
-
     for entry in proto.metadata_props:
         if entry.key == PROVENANCE_KEY:
             return json.loads(entry.value)

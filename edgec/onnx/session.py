@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from edgec.core.errors import EdgecError
 
@@ -42,8 +43,6 @@ _ORT_TYPES = {
 
 def session_options(threads: int = 1, config: dict | None = None):
     """The session options of the protocol (also used for predictions, so they run what is timed)."""
-    import onnxruntime as ort
-
     if int(threads) < 1:
         raise EdgecError(f"threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
@@ -59,8 +58,6 @@ def session_options(threads: int = 1, config: dict | None = None):
 
 def create_session(model, threads: int = 1, config: dict | None = None):
     """An InferenceSession from ONNX bytes, a path, or an ``onnx.ModelProto``, with the protocol's options."""
-    import onnxruntime as ort
-
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     if isinstance(model, (str, Path)):
@@ -179,15 +176,13 @@ def cpu_model() -> str:
 
 def machine_key(threads: int = 1) -> dict:
     """What a latency number depends on: runtime and version, threads, CPU model and core count."""
-    import onnxruntime
-
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = os.cpu_count() or 1
     return {
         "runtime": "onnxruntime",
-        "runtime_version": onnxruntime.__version__,
+        "runtime_version": ort.__version__,
         "provider": "CPUExecutionProvider",
         "threads": int(threads),
         "cpu": cpu_model(),

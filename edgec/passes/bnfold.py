@@ -1,21 +1,12 @@
-"""Fold BatchNorm into the preceding Conv or Linear (standard inference-time folding).
+"""Fold BatchNorm into the preceding Conv or Linear (the standard inference-time identity; BatchNorm: Ioffe &
+Szegedy 2015).
 
-In eval mode BatchNorm is the affine map ``y = γ (x − μ) / sqrt(σ² + ε) + β``. When it directly follows a
-convolution or linear layer ``x = W u + b`` whose output feeds nothing else, the two compose into one layer:
-
-    s  = γ / sqrt(σ² + ε)            (per output channel)
-    W* = W · s   (scaling each output channel's kernel)
-    b* = (b − μ) · s + β
-
-(Ioffe & Szegedy 2015 for BatchNorm; the folding is the standard deployment identity, cf.
-``torch.nn.utils.fusion``.) A low-bit layer (``edgec.layers.lowbit``) folds too without leaving its code book:
-its weight is ``scale · codes + shift`` per output-channel group, so multiplying ``scale`` and ``shift``
-by the per-channel ``s`` keeps the codes unchanged. The pass matches ``call_module`` Conv{1,2,3}d/Linear → BatchNorm{1,2,3}d in
-the traced graph, requires the BatchNorm to have running statistics, and for Linear → BatchNorm1d
-requires the Linear output to be 2-D (checked by shape propagation), since BatchNorm1d normalises
-dim 1. The folded graph is verified against the input on sample inputs at two shapes.
+With ``s = γ / sqrt(σ² + ε)`` per output channel: ``W* = W · s`` and ``b* = (b − μ) · s + β``. A low-bit layer
+keeps its codes: its per-group ``scale`` and ``shift`` are multiplied by ``s``. See docs/methods.md#batchnorm-fold.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -23,13 +14,45 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from edgec.core.graph import Model, set_submodule, verify_equivalent
-from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
+from edgec.core.ops import BATCHNORM as _BN
+from edgec.core.ops import CONV as _CONV
+from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
 from edgec.core.pass_manager import Pass, PassResult
+from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
 
-TOLERANCE = 1e-5
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# ------------------------------------------------------------------------------------------------ formulas
 
+def bn_scale(var: torch.Tensor, eps: float, gamma: torch.Tensor | None) -> torch.Tensor:
+    """The per-channel factor ``s = γ / sqrt(σ² + ε)`` (``1 / sqrt(σ² + ε)`` without an affine γ)."""
+    return gamma / torch.sqrt(var + eps) if gamma is not None else 1.0 / torch.sqrt(var + eps)
+
+
+def bn_fold_bias(b: torch.Tensor, mean: torch.Tensor, s: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The folded bias ``b* = (b − μ) · s + β``."""
+    return (b - mean) * s + beta
+
+
+def fold_lowbit(layer, bn):
+    """A copy of a LowBit layer with BN folded in: ``scale·s``, ``shift·s`` (codes unchanged), bias ``b*``."""
+    fused = copy.deepcopy(layer)
+    with torch.no_grad():
+        s = bn_scale(bn.running_var, bn.eps, bn.weight if bn.affine else None)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        fused.scale.mul_(s[:, None])
+        if fused.shift is not None:
+            fused.shift.mul_(s[:, None])
+        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias = nn.Parameter(bn_fold_bias(b, bn.running_mean, s, beta))
+    return fused
+
+
+def fold_float(layer, bn):
+    """A float Conv/Linear with BN folded in (``torch.nn.utils.fusion``: the same formula, with rsqrt)."""
+    fuse = fuse_conv_bn_eval if isinstance(layer, _CONV) else fuse_linear_bn_eval
+    return fuse(layer.eval(), bn.eval())
+
+
+# -------------------------------------------------------------------------------------------------- the pass
 
 def find_pairs(model: Model) -> list[tuple]:
     """(producer node, batchnorm node) pairs that can be folded."""
@@ -66,23 +89,9 @@ def _output_ranks(model: Model) -> dict[str, int]:
             if hasattr(n.meta.get("tensor_meta"), "shape")}
 
 
-def _fuse_lowbit(layer, bn):
-    """Scale and shift of a low-bit layer absorb BN's per-channel factor; the codes stay as they are."""
-    import copy
-
-    fused = copy.deepcopy(layer)
-    with torch.no_grad():
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
-        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        fused.scale.mul_(s[:, None])
-        if fused.shift is not None:
-            fused.shift.mul_(s[:, None])
-        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias = nn.Parameter((b - bn.running_mean) * s + beta)
-    return fused
-
-
 class FoldBatchNorm(Pass):
+    """Fold every BatchNorm that directly follows a Conv/Linear (whose output feeds nothing else) into it."""
+
     name = "fold.batchnorm"
     version = 1
 
@@ -95,11 +104,8 @@ class FoldBatchNorm(Pass):
         modules = dict(gm.named_modules())
         for prev, bn_node in pairs:
             layer, bn = modules[prev.target], modules[bn_node.target]
-            if isinstance(layer, (LowBitLinear, LowBitConv1d, LowBitConv2d)):
-                fused = _fuse_lowbit(layer, bn)
-            else:
-                fuse = fuse_conv_bn_eval if isinstance(layer, _CONV) else fuse_linear_bn_eval
-                fused = fuse(layer.eval(), bn.eval())
+            lowbit = isinstance(layer, (LowBitLinear, LowBitConv1d, LowBitConv2d))
+            fused = fold_lowbit(layer, bn) if lowbit else fold_float(layer, bn)
             set_submodule(gm, prev.target, fused)
             bn_node.replace_all_uses_with(prev)
             gm.graph.erase_node(bn_node)

@@ -1,117 +1,67 @@
-"""HRF scaffold and deHRF fold: Transformer re-parameterization of the FFN's first linear.
+"""HRF scaffold and deHRF fold: re-parameterize an FFN's first linear for training, fold it back for deployment.
 
 Source: "Transformer re-parameterization for on-device speech emotion recognition" (arXiv 2411.09339).
-
-An FFN computes ``y = W2 · act(W1 x + b1) + b2`` with W1 ∈ R^{f×d}. For training, HRF replaces the first
-linear by a wider two-step linear map (nothing between the two steps, so it stays linear)::
-
-    W1 x + b1   ->   W1' (H x + c) + b1,      H ∈ R^{r×d}, c ∈ R^r, W1' ∈ R^{f×r}, r = K·d
-
-and deHRF folds it back before deployment::
-
-    W1* = W1' · H            b1* = W1' · c + b1
-
-which is exact (up to float rounding; computed in float64, then cast), so the folded model has exactly
-the base architecture: same module names, types, shapes and parameter count, same graph.
-
-**Finding FFNs (dataflow, not names).** In the traced fx graph an FFN is
-
-* plain: ``call_module`` nn.Linear W1 -> activation -> zero or more dropouts -> ``call_module`` nn.Linear W2,
-  with W2 returning to W1's input width (d → f → d, which excludes classifier heads such as BERT's
-  pooler → tanh → classifier);
-* gated (GEGLU / SwiGLU): two nn.Linear W_g, W_v reading the *same* input node, ``act(W_g x)`` and
-  ``W_v x`` multiplied (either operand order, dropouts allowed on either side), then zero or more dropouts
-  -> nn.Linear W2. Both input projections share one H: W_g' and W_v' both read ``H x + c``.
-
-An activation is a ``call_module`` of GELU/ReLU/ReLU6/SiLU/Mish/Tanh/Sigmoid/LeakyReLU/ELU/SELU/CELU/
-Hardswish/Softplus, or the matching ``call_function`` (``F.gelu``, ``torch.relu`` ...) or ``call_method``
-(``x.relu()`` ...). A dropout is nn.Dropout/AlphaDropout/Identity or ``F.dropout``. Every intermediate value
-must feed only the next step (as in BatchNorm folding), W1/W_v must be called once in the graph, and
-an FFN whose input already comes from an HRF scaffold is skipped (so scaffolding a subset, then
-another subset, works; a second HRF on the same FFN does not stack).
-
-**Where things go.** For each FFN an :class:`HRFExpand` scaffold (kind ``hrf``, folded by ``fold.hrf``) is
-registered next to W1 as ``<W1 name>_hrf`` (e.g. ``blocks.0.ffn.linear1_hrf``,
-``encoder.layer.0.intermediate.dense_hrf``, ``levels.0.0.geglu.w_g_hrf`` for a gated FFN, where W1 is the
-activated projection W_g). Its ``h`` is an nn.Linear(d, r): ``h.weight`` is H and ``h.bias`` is c. W1 (and
-W_v) are replaced in place by nn.Linear(r, f) at the same qualified names. c exists only when the FFN's
-input projection(s) have a bias (choice: a bias-free FFN, e.g. LLaMA's, stays bias-free after the fold).
-
-**Selection** (``include``/``exclude``, fnmatch globs, case-sensitive, ``*`` also matches dots): an FFN is
-scaffolded when one of its input projection names (W1, or W_g/W_v) matches an include glob and none
-matches an exclude glob. Example: ``--include 'blocks.0.*'``, ``--exclude '*.ffn2.*'``.
-
-**Initialisation** (``init``):
-
-* ``default`` — H (with c) and W1' (and W_v') freshly initialised with nn.Linear's default init, drawn in
-  graph order (per FFN: H, then W1', then W_v') from torch's RNG seeded with ``seed`` inside
-  ``torch.random.fork_rng`` — so the output is a function of the recorded parameters alone and the
-  caller's global RNG is left untouched. The function changes by design (training from scratch), so no
-  equivalence check is run.
-* ``preserve`` (choice, METHODS.md) — function-preserving on a trained model: H = Q, a random matrix with
-  orthonormal columns (QᵀQ = I_d, from QR of a Gaussian drawn from a generator seeded by ``seed``, one
-  Q per FFN in graph order), c = 0, W1' = W1 Qᵀ (= W1 H⁺), b1 unchanged, so W1' H = W1. A random
-  orthogonal embedding (rather than [I_d; 0]) lets gradients reach all r dimensions of W1'. The output is
-  verified unchanged (relative error <= 1e-5). The global RNG is not touched.
-
-``expand`` is K (default 4, choice; the paper uses K in {1, 2, 4, 8}). On replay (rebuilding a
-checkpoint's structure) both passes only build the structure, with uninitialised weights that the
-checkpoint's state dict then overwrites.
+Training: ``W1 x + b1 -> W1' (H x + c) + b1`` with H ∈ R^{K·d × d}; deHRF: ``W1* = W1'·H``,
+``b1* = W1'·c + b1`` (exact up to rounding; float64, then cast). FFNs are found by dataflow (Linear ->
+activation -> Linear back to the input width, or a gated GEGLU/SwiGLU pair). See docs/methods.md#hrf and
+docs/methods.md#dehrf-fold.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
 from edgec.core.errors import EdgecError
-from edgec.core.graph import Model, Scaffold, set_submodule, verify_equivalent
+from edgec.core.graph import Model, set_submodule, verify_equivalent
+from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
+from edgec.core.ops import FFN_ACTIVATION_FUNCTIONS as _ACT_FUNCTIONS
+from edgec.core.ops import FFN_ACTIVATION_METHODS as _ACT_METHODS
+from edgec.core.ops import FFN_ACTIVATION_MODULES as _ACT_MODULES
+from edgec.core.ops import FFN_DROPOUT_FUNCTIONS as _DROP_FUNCTIONS
+from edgec.core.ops import FFN_DROPOUT_MODULES as _DROP_MODULES
+from edgec.core.ops import FFN_MUL_FUNCTIONS as _MUL_FUNCTIONS
 from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.layers.hrf import HRFExpand
 
-TOLERANCE = 1e-5
 SUFFIX = "_hrf"
 
-_ACT_MODULES = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
-                nn.SELU, nn.CELU, nn.Hardswish, nn.Softplus)
-_ACT_FUNCTIONS = {F.gelu, F.relu, F.relu6, F.silu, F.mish, F.leaky_relu, F.elu, F.selu, F.celu, F.hardswish,
-                  F.softplus, F.tanh, F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.selu, torch.celu}
-_ACT_METHODS = {"relu", "gelu", "silu", "mish", "tanh", "sigmoid"}
-_DROP_MODULES = (nn.Dropout, nn.AlphaDropout, nn.Identity)
-_DROP_FUNCTIONS = {F.dropout}
-_MUL_FUNCTIONS = {operator.mul, torch.mul}
+
+# ------------------------------------------------------------------------------------------------ formulas
+
+def dehrf(w1: torch.Tensor, b1: torch.Tensor | None, h: torch.Tensor,
+          c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """deHRF: ``W1* = W1'·H``, ``b1* = W1'·c + b1`` in float64 (b None when neither W1' nor H has a bias)."""
+    w = w1.double()
+    weight = w @ h.double()
+    if b1 is None and c is None:
+        return weight, None
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    if c is not None:
+        b += w @ c.double()
+    if b1 is not None:
+        b += b1.double()
+    return weight, b
 
 
-class HRFExpand(Scaffold):
-    """The HRF expansion ``H x + c`` (an nn.Linear(d, r) named ``h``); must be folded by ``fold.hrf``."""
+def orthonormal_columns(r: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """Q ∈ R^{r×d} (float64) with QᵀQ = I_d: reduced QR of a Gaussian, signs fixed so Q is unique."""
+    q, rr = torch.linalg.qr(torch.randn(r, d, generator=generator, dtype=torch.float64), mode="reduced")
+    signs = torch.sign(torch.diagonal(rr))
+    signs[signs == 0] = 1.0
+    return q * signs
 
-    kind = "hrf"
-    folded_by = "fold.hrf"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, init: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        if init:
-            self.h = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        else:
-            self.h = skip_init(nn.Linear, in_features, out_features, bias=bias, device=device, dtype=dtype)
+def preserve_init(w1: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Function-preserving init: with H = Q (QᵀQ = I_d) and c = 0, ``W1' = W1·Qᵀ`` gives ``W1'·H = W1``."""
+    return w1.double() @ q.T
 
-    @property
-    def in_features(self) -> int:
-        return self.h.in_features
 
-    @property
-    def out_features(self) -> int:
-        return self.h.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h(x)
-
+# --------------------------------------------------------------------------------------------- finding FFNs
 
 @dataclass
 class FFN:
@@ -252,14 +202,6 @@ def _as_list(value, what: str) -> list[str]:
     return list(value)
 
 
-def _orthonormal_columns(r: int, d: int, generator: torch.Generator) -> torch.Tensor:
-    """Q ∈ R^{r×d} (float64) with QᵀQ = I_d: reduced QR of a Gaussian, signs fixed so Q is unique."""
-    q, rr = torch.linalg.qr(torch.randn(r, d, generator=generator, dtype=torch.float64), mode="reduced")
-    signs = torch.sign(torch.diagonal(rr))
-    signs[signs == 0] = 1.0
-    return q * signs
-
-
 class HRFScaffold(Pass):
     """Insert an HRF expansion H (d -> K·d) in front of every selected FFN's first linear(s)."""
 
@@ -339,37 +281,53 @@ class HRFScaffold(Pass):
         if hrf_name in modules:
             raise PreconditionError(f"scaffold.hrf: module name '{hrf_name}' is already taken in {model.arch}")
         fresh_init = init == "default" and not replay
-        hrf = HRFExpand(d, r, bias, init=fresh_init, **factory)
-        news = []
-        for old in olds:
-            if fresh_init:
-                new = nn.Linear(r, old.out_features, bias=old.bias is not None, **factory)
-            else:
-                new = skip_init(nn.Linear, r, old.out_features, bias=old.bias is not None, **factory)
-            news.append(new)
+        hrf, news = _expanded_modules(olds, d, r, bias, fresh_init, factory)  # default init: H, W1', W_v' in order
         if preserve:
-            q = _orthonormal_columns(r, d, gen)  # H = Q, c = 0, W1' = W1 Qᵀ
-            with torch.no_grad():
-                hrf.h.weight.copy_(q)
-                if hrf.h.bias is not None:
-                    hrf.h.bias.zero_()
-                for old, new in zip(olds, news):
-                    new.weight.copy_(old.weight.detach().double() @ q.T)
-                    if new.bias is not None:
-                        new.bias.copy_(old.bias.detach())
+            _init_preserving(hrf, olds, news, orthonormal_columns(r, d, gen))
         for old, new in zip(olds, news):
             new.requires_grad_(old.weight.requires_grad)
-        gm.add_submodule(hrf_name, hrf.train(gm.training))
-        for node, new in zip(ffn.inputs, news):
-            set_submodule(gm, node.target, new.train(gm.training))
-        first = min(ffn.inputs, key=_node_order(gm))
-        with gm.graph.inserting_before(first):
-            h_node = gm.graph.call_module(hrf_name, (ffn.x,))
-        for node in ffn.inputs:
-            node.replace_input_with(ffn.x, h_node)
+        _rewire(gm, ffn, hrf_name, hrf, news)
 
     def ensures(self, model: Model) -> None:
         _check_hrf_users(model, PostconditionError)
+
+
+def _expanded_modules(olds: list[nn.Linear], d: int, r: int, bias: bool, fresh_init: bool,
+                      factory: dict) -> tuple[HRFExpand, list[nn.Linear]]:
+    """The HRF expansion H (d -> r) and the (r -> f) replacements of the input projection(s), in that order."""
+    hrf = HRFExpand(d, r, bias, init=fresh_init, **factory)
+    news = []
+    for old in olds:
+        if fresh_init:
+            new = nn.Linear(r, old.out_features, bias=old.bias is not None, **factory)
+        else:
+            new = skip_init(nn.Linear, r, old.out_features, bias=old.bias is not None, **factory)
+        news.append(new)
+    return hrf, news
+
+
+def _init_preserving(hrf: HRFExpand, olds: list[nn.Linear], news: list[nn.Linear], q: torch.Tensor) -> None:
+    """H = Q, c = 0, W1' = W1 Qᵀ (b1 unchanged): the scaffolded FFN computes what the original did."""
+    with torch.no_grad():
+        hrf.h.weight.copy_(q)
+        if hrf.h.bias is not None:
+            hrf.h.bias.zero_()
+        for old, new in zip(olds, news):
+            new.weight.copy_(preserve_init(old.weight.detach(), q))
+            if new.bias is not None:
+                new.bias.copy_(old.bias.detach())
+
+
+def _rewire(gm: fx.GraphModule, ffn: FFN, hrf_name: str, hrf: HRFExpand, news: list[nn.Linear]) -> None:
+    """Register H and the new projections, and route the FFN's input through H."""
+    gm.add_submodule(hrf_name, hrf.train(gm.training))
+    for node, new in zip(ffn.inputs, news):
+        set_submodule(gm, node.target, new.train(gm.training))
+    first = min(ffn.inputs, key=_node_order(gm))
+    with gm.graph.inserting_before(first):
+        h_node = gm.graph.call_module(hrf_name, (ffn.x,))
+    for node in ffn.inputs:
+        node.replace_input_with(ffn.x, h_node)
 
 
 def _node_order(gm: fx.GraphModule):
@@ -397,10 +355,28 @@ def _check_hrf_users(model: Model, error) -> list[tuple[fx.Node, list[fx.Node]]]
     return found
 
 
-class FoldHRF(Pass):
-    """deHRF: fold every HRF scaffold into the linear(s) it feeds: W1* = W1'·H, b1* = W1'·c + b1.
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
-    Source: Transformer re-parameterization for on-device speech emotion recognition (arXiv 2411.09339).
+
+def _folded_linear(hrf: HRFExpand, lin: nn.Linear, replay: bool) -> nn.Linear:
+    """The nn.Linear(d, f) computing ``lin(hrf(x))`` (structure only on replay)."""
+    factory = {"device": lin.weight.device, "dtype": lin.weight.dtype}
+    has_bias = lin.bias is not None or hrf.h.bias is not None
+    new = skip_init(nn.Linear, hrf.in_features, lin.out_features, bias=has_bias, **factory)
+    if not replay:
+        with torch.no_grad():
+            w, b = dehrf(lin.weight.detach(), _detached(lin.bias), hrf.h.weight.detach(), _detached(hrf.h.bias))
+            new.weight.copy_(w)
+            if has_bias:
+                new.bias.copy_(b)
+    new.requires_grad_(lin.weight.requires_grad)
+    return new.train(lin.training)
+
+
+class FoldHRF(Pass):
+    """deHRF: fold every HRF scaffold into the linear(s) it feeds (``dehrf``).
+
     Computed in float64 and cast to the layer's dtype; the folded graph is verified against the scaffolded
     one on sample inputs at two shapes (relative error <= 1e-5). No HRF scaffold: a quiet no-op.
     """
@@ -420,25 +396,9 @@ class FoldHRF(Pass):
         for node, users in pairs:
             hrf = modules[node.target]
             x = node.args[0]
-            d = hrf.in_features
             for u in users:
                 lin = modules[u.target]
-                factory = {"device": lin.weight.device, "dtype": lin.weight.dtype}
-                has_bias = lin.bias is not None or hrf.h.bias is not None
-                new = skip_init(nn.Linear, d, lin.out_features, bias=has_bias, **factory)
-                if not replay:
-                    with torch.no_grad():
-                        w = lin.weight.detach().double()
-                        new.weight.copy_(w @ hrf.h.weight.detach().double())
-                        if has_bias:
-                            b = torch.zeros(lin.out_features, dtype=torch.float64, device=w.device)
-                            if hrf.h.bias is not None:
-                                b += w @ hrf.h.bias.detach().double()
-                            if lin.bias is not None:
-                                b += lin.bias.detach().double()
-                            new.bias.copy_(b)
-                new.requires_grad_(lin.weight.requires_grad)
-                set_submodule(gm, u.target, new.train(lin.training))
+                set_submodule(gm, u.target, _folded_linear(hrf, lin, replay))
                 u.replace_input_with(node, x)
                 folded += 1
             gm.graph.erase_node(node)

@@ -1,39 +1,9 @@
-"""What the ternary/binary scaffold passes share: layer selection, the latent-layer base module, the
-scaffold and fold pass templates, and group statistics.
+"""What the ternary/binary scaffold passes share: layer selection, parameter checks and the scaffold and
+fold pass templates.
 
-**Selectable layers.** Every ``call_module`` node in the traced graph whose module is an ``nn.Linear``,
-``nn.Conv1d`` or ``nn.Conv2d`` (depthwise and grouped convolutions included: they have few weights, so
-ternarising them saves little, but they are allowed), in graph order, each module once, except
-
-* convolutions with ``padding_mode`` other than ``"zeros"`` (the low-bit deploy layers pad with zeros);
-* layers whose parameters are tied: read by a ``get_attr`` node elsewhere in the graph, or the same
-  Parameter object held by another module (replacing one copy would untie them).
-
-**Selection** (every pass records all of these explicitly, so replay never depends on defaults):
-
-* ``keep_first_last`` (default True, as STTN's reference): the first weight layer in graph order and the
-  last linear layer (the classifier) stay full precision. "Weight layer" counts selectable layers and
-  layers already made low-bit (edgec scaffolds and ``edgec.layers.lowbit`` deploy layers), so scaffolding in two
-  steps (two include sets) keeps the same first and last layer. On BERT-like encoders whose first layer
-  is an attention projection, that projection is the one kept; use ``exclude`` for finer control.
-* ``include`` / ``exclude``: fnmatch globs (case-sensitive, ``*`` also matches dots) over module names;
-  a layer is chosen when it matches an include glob and no exclude glob (default include ``["*"]``).
-
-No layer chosen -> ``PreconditionError`` (one line, naming a few candidates).
-
-**Scaffolds** replace each chosen layer at the *same* qualified name (so state-dict names, feature
-distillation by block name and the graph are unchanged) by a :class:`LatentLayer` leaf: a Scaffold that
-keeps the layer's geometry and real bias, quantizes its input when asked (``act``), and computes its
-weight from latent parameters. Its ``quantized()`` gives ``(codes, scale, shift)`` in the exact layout of
-``edgec.layers.lowbit``; in eval mode the forward uses ``codes · scale (+ shift)`` computed with the same tensor
-operations as ``LowBitLayer.dequantized``, so the fold is exact (the measured error is 0). In training the
-straight-through terms are added as ``(v − v.detach()) · mask``, which is exactly 0 in value, so the
-training forward uses the same quantized weight and only the gradients differ.
-
-**Folds** replace every scaffold of their kind by a LowBit layer (``lowbit_spec()`` gives bits,
-group size, shift, activation quantizer) at the same name, verified in eval mode against the scaffolded
-graph (relative error <= 1e-5). No scaffold of the kind -> a quiet no-op (``edgec fold`` tries every
-fold pass). Replay builds the structure only; the checkpoint's state dict then fills codes/scale/shift.
+A scaffold replaces each chosen Conv/Linear at the same qualified name by a ``LatentLayer``
+(``edgec.layers.latent``); a fold replaces every scaffold of its kind by the LowBit deploy layer it computes
+in eval mode (exact, verified at 1e-5). Selection rules: see docs/methods.md#sttn.
 """
 from __future__ import annotations
 
@@ -41,15 +11,15 @@ import math
 from fnmatch import fnmatchcase
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgec.core.errors import EdgecError
-from edgec.core.graph import Model, Scaffold, set_submodule, verify_equivalent
-from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, LowBitLayer, expand_groups, group_view, quantize_act
+from edgec.core.graph import Model, set_submodule, verify_equivalent
+from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
 from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.layers.latent import LatentLayer
+from edgec.layers.lowbit import LowBitLayer, LowBitLinear
 
-TOLERANCE = 1e-5
 SELECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -166,128 +136,6 @@ def select_layers(model: Model, params: dict, pass_name: str) -> tuple[list[tupl
 def ineligible_layers(model: Model) -> list[str]:
     """Conv/Linear layers never selected: tied parameters or a non-zero padding mode."""
     return [n for n, m, ok in weight_layers(model) if not ok and isinstance(m, SELECTABLE)]
-
-
-# ------------------------------------------------------------------------------------------------ groups
-
-def effective_group_size(fan_in: int, group_size: int) -> int:
-    """0 (one group per output row) when ``group_size`` is 0 or covers the whole fan-in."""
-    return 0 if group_size <= 0 or group_size >= fan_in else int(group_size)
-
-
-def group_mean(values: torch.Tensor, group_size: int, where: torch.Tensor | None = None,
-               empty: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Mean of (out, fan_in) ``values`` per (row, group) over real entries (and ``where``); ``empty``
-    where a group has no such entry. Returns (out, n_groups)."""
-    mask = torch.ones_like(values, dtype=torch.bool) if where is None else where
-    v = group_view(values * mask, group_size)
-    count = group_view(mask.to(values.dtype), group_size).sum(-1)
-    total = v.sum(-1)
-    empty_t = torch.as_tensor(empty, dtype=values.dtype, device=values.device).expand_as(total)
-    return torch.where(count > 0, total / count.clamp_min(1), empty_t)
-
-
-def sign_pm(x: torch.Tensor) -> torch.Tensor:
-    """sign with 0 -> +1, so every binary kernel entry is ±1."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-
-# ---------------------------------------------------------------------------------------- latent layers
-
-class LatentLayer(Scaffold):
-    """Base of the ternary/binary training layers: geometry of the replaced layer, real bias, input
-    quantizer ``act``, and the op. Subclasses implement ``weight_hat()`` (the training weight, with
-    straight-through gradients), ``quantized()`` (detached codes, scale, shift in LowBit layout) and
-    ``lowbit_spec()``.
-    """
-
-    bits: int = 2
-
-    def __init__(self, layer: nn.Module, act: str = "none"):
-        super().__init__()
-        if isinstance(layer, nn.Linear):
-            self.op = "linear"
-            self.in_features, self.out_features = layer.in_features, layer.out_features
-        elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            self.op = "conv1d" if isinstance(layer, nn.Conv1d) else "conv2d"
-            self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
-            self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
-            self.dilation, self.groups = layer.dilation, layer.groups
-        else:
-            raise TypeError(f"no latent low-bit form for {type(layer).__name__}")
-        self.act = act
-        self.weight_shape = tuple(layer.weight.shape)
-        self.fan_in = math.prod(self.weight_shape[1:])
-        if layer.bias is not None:
-            self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        else:
-            self.register_parameter("bias", None)
-
-    @property
-    def rows(self) -> int:
-        return self.weight_shape[0]
-
-    def _new_param(self, like: torch.Tensor, shape=None, value: torch.Tensor | None = None) -> nn.Parameter:
-        data = value.detach().clone() if value is not None else torch.zeros(
-            shape if shape is not None else like.shape, dtype=like.dtype, device=like.device)
-        return nn.Parameter(data.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
-
-    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.op == "linear":
-            return F.linear(x, weight, self.bias)
-        conv = F.conv1d if self.op == "conv1d" else F.conv2d
-        return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def dequantize(self, codes2d: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-                   group_size: int) -> torch.Tensor:
-        """``codes · scale (+ shift)`` with exactly the operations of ``LowBitLayer.dequantized``."""
-        w = codes2d * expand_groups(scale, self.fan_in, group_size)
-        if shift is not None:
-            w = w + expand_groups(shift, self.fan_in, group_size)
-        return w
-
-    def weight_hat(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(codes (out, fan_in) float in {-1,0,1}, scale (out, G), shift (out, G) or None), detached."""
-        raise NotImplementedError
-
-    def lowbit_spec(self) -> dict:
-        """LowBit constructor options: group_size, bits, shift, act."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(quantize_act(x, self.act), self.weight_hat().reshape(self.weight_shape))
-
-    def to_lowbit(self, fill: bool = True) -> LowBitLayer:
-        """The deploy layer with this geometry; ``fill``: copy codes/scale/shift/bias (else structure only)."""
-        spec = self.lowbit_spec()
-        bias = self.bias is not None
-        if self.op == "linear":
-            low = LowBitLinear(self.in_features, self.out_features, bias, **spec)
-        else:
-            cls = LowBitConv1d if self.op == "conv1d" else LowBitConv2d
-            low = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                      self.dilation, self.groups, bias, **spec)
-        ref = next(self.parameters())
-        low = low.to(device=ref.device, dtype=ref.dtype)
-        if fill:
-            codes, scale, shift = self.quantized()
-            with torch.no_grad():
-                low.codes.copy_(codes.reshape(self.weight_shape).round().to(torch.int8))
-                low.scale.copy_(scale)
-                if shift is not None:
-                    low.shift.copy_(shift)
-                if bias:
-                    low.bias.copy_(self.bias.detach())
-        if bias:
-            low.bias.requires_grad_(self.bias.requires_grad)
-        return low.train(self.training)
-
-    def extra_repr(self) -> str:
-        return (f"{self.kind}, weight={list(self.weight_shape)}, act={self.act}, "
-                f"bias={self.bias is not None}, folded_by={self.folded_by}")
 
 
 # ---------------------------------------------------------------------------------------- pass templates

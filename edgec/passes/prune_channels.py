@@ -1,25 +1,9 @@
-"""``prune.channels``: physically remove channels / hidden units / attention heads (structural pass).
+"""``prune.channels``: physically remove the channels, hidden units or attention heads of coupled groups.
 
-Which rows and columns go together comes from the coupled-channel analysis (:mod:`edgec.analysis.groups`):
-each group lists its producers (output rows sliced, with their bias), consumers (input columns sliced),
-per-channel layers (BatchNorm weight/bias/running stats, depthwise convs: their channels follow) and the
-``view``/``reshape`` size literals that count its units (attention head counts; ``H·dh`` widths).
-The pass builds new, smaller ``nn.Linear`` / ``nn.Conv*`` / ``nn.BatchNorm*`` / ``nn.Embedding`` modules at the
-same qualified names, rewrites the literals in the graph and recompiles it.
-
-**Parameters.** ``keep = {group name: [sorted kept unit indices]}``. Indices, not counts, so replaying the
-record on freshly initialised weights (checkpoint load) reproduces exactly the same structure; groups that are
-not named keep every unit. :meth:`PruneChannels.from_counts` (``{group: number to keep}``) and
-:meth:`PruneChannels.from_fraction` choose the indices by importance (L2 norm of the producer rows summed
-over coupled producers) and return a pass with explicit indices. Asking to remove units of an unprunable group
-is an :class:`~edgec.core.errors.EdgecError` naming the node that blocks it; at least one unit of a group is kept.
-
-**Check.** Pruning changes the function, so the pass cannot verify equivalence with its input. It verifies the
-strongest property that holds instead: the pruned model equals its input with the removed units *zeroed*
-(producer rows and biases, BatchNorm γ/β, depthwise kernels; :func:`edgec.analysis.groups.zero_channels`), at
-the traced and alternative shapes (relative error ≤ 1e-5). This holds when every pruned group is
-``zero_exact`` (the ops between producer and consumer map 0 to 0); otherwise the check is recorded as skipped
-with the groups that prevented it.
+``keep = {group: [kept unit indices]}`` (indices, so replaying the record on load rebuilds the same structure).
+Producers lose output rows, consumers input columns, per-channel layers their channels, and the view/reshape
+literals that count units are rewritten. Check: the pruned model equals its input with the removed units
+zeroed (see docs/methods.md#coupled-channel-groups).
 """
 from __future__ import annotations
 
@@ -28,14 +12,13 @@ import copy
 import torch
 from torch import nn
 
+from edgec.analysis.groups import analyse, keep_from_counts, resolve_keep, zero_channels
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, set_submodule, verify_equivalent
+from edgec.core.ops import BATCHNORM as _BN
+from edgec.core.ops import CONV as _CONV
+from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
 from edgec.core.pass_manager import Pass, PassResult
-from edgec.analysis.groups import analyse, keep_from_counts, resolve_keep, zero_channels
-
-TOLERANCE = 1e-5
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _slice_weight(m, new, w, b, out, inp, out_attr: str, in_attr: str) -> None:
@@ -139,13 +122,13 @@ class PruneChannels(Pass):
         super().__init__(keep=keep)
 
     @classmethod
-    def from_counts(cls, model: Model, counts: dict[str, int]) -> "PruneChannels":
+    def from_counts(cls, model: Model, counts: dict[str, int]) -> PruneChannels:
         """Keep the ``counts[group]`` most important units of each named group (importance: L2 norm of the
         producer rows, summed over coupled producers)."""
         return cls(keep=keep_from_counts(model, counts))
 
     @classmethod
-    def from_fraction(cls, model: Model, fraction: float, groups: list[str] | None = None) -> "PruneChannels":
+    def from_fraction(cls, model: Model, fraction: float, groups: list[str] | None = None) -> PruneChannels:
         """Keep ``round(fraction · size)`` (at least 1) of every prunable group (or of the named ``groups``)."""
         if not 0 < fraction <= 1:
             raise EdgecError(f"fraction must be in (0, 1], got {fraction}")

@@ -1,39 +1,6 @@
-"""ALCS latency-constrained allocation and ADMM (arXiv 2109.00170; the math is in ``METHODS.md``).
-
-**Units and options.** A prunable coupled-channel group (:mod:`edgec.analysis.groups`) is one unit of the latency
-table (``edgec.latency.profile.group_units``: same name, ``width`` = the group's ``size``). Each unit can be
-pruned under one pattern:
-
-* ``channel`` — whole units (a channel, a hidden unit, a head) are removed; level ``j`` keeps ``size − j``
-  units, density ``(size − j) / size``. Removing a unit costs ``‖v‖²``: the squared L2 norm of all its
-  producer weights (every coupled producer's rows of that unit; embedding columns).
-* ``simd:N`` — 1×N vectors (N consecutive output channels at one input position) of the unit's eligible
-  producers (Linear, 1×1 stride-1 unpadded ungrouped conv) are removed, the same number per block of N
-  outputs (balanced: what the gathered-blocks path in :mod:`edgec.latency.simd` runs fastest); the cost of a
-  level is the summed ``‖v‖²`` of the removed vectors (the weakest ones of each block).
-
-Levels never go below the lowest density the table measured for that unit and pattern (no extrapolation),
-and a group keeps at least one unit.
-
-**Allocation (the Z-step criterion).** Start dense. While the latency model's estimate ``T(s)``
-(:class:`edgec.latency.model.LatencyModel`, interactions included) exceeds the target, take the move with the
-least importance removed per millisecond saved, over all units: a move takes a unit from its current level to
-a lower one of the same pattern (a unit still dense may start either pattern). Candidate moves are one level
-down, every level at a measured grid point below, and the lowest level: measured curves have plateaus (MLAS
-blocks channels, so 24 → 20 channels may save nothing while 20 → 16 saves a lot), and one-step greedy would
-stall in front of them. Moves that save nothing are never taken. Then an *add-back* pass restores the most
-important removed unit of any group whose restoration keeps ``T`` within the target (this climbs back up
-plateaus the chunked moves overshot). The result never exceeds the target per the latency model; when no
-sequence of moves reaches it, :func:`allocate` raises an :class:`~edgec.core.errors.EdgecError` with
-``exit_code = EXIT_INFEASIBLE`` and the fastest reachable estimate.
-
-**ADMM** (:func:`admm`): variables are the producer weights ``W`` of every unit of the table. W-step: one epoch
-of Adam on ``task loss + ρ/2 Σ ‖W − Z + U‖²`` (own small loop, batches and losses from :mod:`edgec.train`);
-Z-step: the allocation above on the importances of ``W + U``, then :func:`project` (zero the dropped units'
-rows / vectors of ``W + U``); dual update ``U ← U + W − Z``. ``Z`` starts as the projection of the dense
-weights and ``U`` at zero. After the last round the final allocation is taken on ``W`` itself and applied as a
-hard mask by the caller (``prune.channels`` physically removes the units).
-"""
+"""ALCS: allocate per-group densities (channel or 1×N SIMD pruning) to meet a latency target by least
+importance lost per millisecond saved, and ADMM training towards that structure (arXiv 2109.00170).
+See docs/methods.md#alcs and docs/methods.md#admm."""
 from __future__ import annotations
 
 import math
@@ -44,7 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgec.analysis.groups import analyse, resolve_keep
 from edgec.core.errors import EdgecError
+from edgec.latency import simd as simd_mod
+from edgec.latency.model import LatencyModel
+from edgec.latency.table import normalise_patterns
+from edgec.train.loop import collate, preflight
+from edgec.train.losses import first_output, task_loss
 
 EXIT_INFEASIBLE = 4  # the budget is below what the latency table says is reachable
 EXIT_BUDGET_MISSED = 5  # the exported model still measured over the budget after the retries
@@ -55,15 +28,7 @@ _EPS = 1e-12
 # ------------------------------------------------------------------------------------------- helpers
 
 def _latency_model(table):
-    from edgec.latency.model import LatencyModel
-
     return table if isinstance(table, LatencyModel) else LatencyModel(table)
-
-
-def _pattern_kind(pattern: str) -> tuple[str, int | None]:
-    from edgec.latency.simd import parse_pattern
-
-    return parse_pattern(pattern)
 
 
 def simd_eligible(module) -> bool:
@@ -157,8 +122,6 @@ def channel_option(unit: str, group, scores: np.ndarray, grid: list[float], min_
 
 def simd_option(unit: str, pattern: str, n: int, group, weights: dict, modules, grid: list[float],
                 min_density: float | None = None) -> Option | None:
-    from edgec.latency import simd as simd_mod
-
     layers = _simd_layers(group, modules)
     if not layers:
         return None
@@ -250,7 +213,7 @@ def table_groups(lm, analysis) -> list:
     if problems:
         raise EdgecError("the latency table's units are not this model's prunable channel groups ("
                          + "; ".join(problems[:3]) + (f"; +{len(problems) - 3} more" if len(problems) > 3 else "")
-                         + "); profile it with the groups as units (edgec.latency.profile.group_units)")
+                         + "); profile it with the groups as units (edgec.latency.profiling.group_units)")
     if not found:
         raise EdgecError("the latency table has no unit for any prunable channel group of the model")
     return found
@@ -271,7 +234,7 @@ def build_options(lm, model, groups, weights: dict, patterns: list[str], min_den
             grid = list(curves[p][0])
             if len(grid) < 2:
                 continue
-            kind, n = _pattern_kind(p)
+            kind, n = simd_mod.parse_pattern(p)
             if kind == "channel":
                 if g.size < 2:
                     continue
@@ -290,8 +253,8 @@ class _State:
 
     def __init__(self, lm, units: list[str]):
         self.lm = lm
-        self.level = {u: 0 for u in units}
-        self.option: dict[str, Option | None] = {u: None for u in units}
+        self.level = dict.fromkeys(units, 0)
+        self.option: dict[str, Option | None] = dict.fromkeys(units)
         self.inter: dict[str, list[tuple[str, str, float]]] = {}
         for a, b, c in lm.interactions:
             self.inter.setdefault(a, []).append((a, b, c))
@@ -344,9 +307,47 @@ class _State:
         return sum(o.cost[self.level[u]] for u, o in self.option.items() if o is not None)
 
 
+def _best_move(state: _State, units: list[str], options: dict):
+    """The move with the least importance removed per ms saved (ties: the larger saving), or None."""
+    best = None
+    for u in units:
+        cur_opt = state.option[u]
+        lvl0 = state.level[u]
+        for opt in ([cur_opt] if cur_opt is not None else options[u]):
+            start = lvl0 if cur_opt is not None else 0
+            last = len(opt.densities) - 1
+            if start >= last:
+                continue
+            cands = {start + 1, last} | {b for b in opt.breakpoints if b > start}
+            for lvl in sorted(cands):
+                saved = state.delta(u, opt, lvl)
+                if saved <= 1e-9:
+                    continue
+                removed = opt.cost[lvl] - opt.cost[start]
+                ratio = removed / saved
+                key = (ratio, -saved)
+                if best is None or key < best[0]:
+                    best = (key, u, opt, lvl, saved)
+    return best
+
+
+def _greedy(state: _State, units: list[str], options: dict, target: float, current: float) -> int:
+    """Apply best moves until the running estimate is within ``target`` or no move saves time; the move count."""
+    moves = 0
+    while current > target + _EPS:
+        best = _best_move(state, units, options)
+        if best is None:
+            break
+        _, u, opt, lvl, saved = best
+        state.apply(u, opt, lvl)
+        current -= saved
+        moves += 1
+    return moves
+
+
 def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: dict | None = None,
              analysis=None, add_back: bool = True, min_density: float | None = None) -> Allocation:
-    """Per-unit densities with the latency model's estimate ≤ ``target_ms`` (module docstring).
+    """Per-unit densities with the latency model's estimate ≤ ``target_ms`` (docs/methods.md#alcs).
 
     ``table``: a latency table dict or a ``LatencyModel`` whose units are the model's channel groups.
     ``patterns``: the patterns units may use ("channel", "simd:N"). ``weights``: ``{producer module: weight}``
@@ -354,9 +355,6 @@ def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: 
     below it (default: the table's lowest measured density). Raises ``EdgecError`` with
     ``exit_code = EXIT_INFEASIBLE`` when the target cannot be reached on the table's measured grid.
     """
-    from edgec.latency.table import normalise_patterns
-    from edgec.analysis.groups import analyse
-
     lm = _latency_model(table)
     analysis = analysis or analyse(model)
     groups = table_groups(lm, analysis)
@@ -367,35 +365,8 @@ def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: 
     units = list(options)
     state = _State(lm, units)
     dense_ms = lm.estimate({})
-    current = dense_ms
     target = float(target_ms)
-    moves = 0
-    while current > target + _EPS:
-        best = None
-        for u in units:
-            cur_opt = state.option[u]
-            lvl0 = state.level[u]
-            for opt in ([cur_opt] if cur_opt is not None else options[u]):
-                start = lvl0 if cur_opt is not None else 0
-                last = len(opt.densities) - 1
-                if start >= last:
-                    continue
-                cands = {start + 1, last} | {b for b in opt.breakpoints if b > start}
-                for lvl in sorted(cands):
-                    saved = state.delta(u, opt, lvl)
-                    if saved <= 1e-9:
-                        continue
-                    removed = opt.cost[lvl] - opt.cost[start]
-                    ratio = removed / saved
-                    key = (ratio, -saved)
-                    if best is None or key < best[0]:
-                        best = (key, u, opt, lvl, saved)
-        if best is None:
-            break
-        _, u, opt, lvl, saved = best
-        state.apply(u, opt, lvl)
-        current -= saved
-        moves += 1
+    moves = _greedy(state, units, options, target, dense_ms)
     current = lm.estimate(state.densities())
     if current > target + 1e-9:
         floor = lm.min_latency(patterns, floor=min_density)
@@ -434,8 +405,6 @@ def _add_back(state: _State, units: list[str], target: float, current: float) ->
 
 
 def _finish(lm, analysis, state: _State, options, weights, target, estimate, dense_ms, moves) -> Allocation:
-    from edgec.latency import simd as simd_mod
-
     keep, masks, choice, sizes = {}, {}, {}, {}
     for u, opt in state.option.items():
         lvl = state.level[u]
@@ -464,9 +433,6 @@ def project(weights: dict[str, torch.Tensor], analysis, allocation: Allocation, 
             ) -> dict[str, torch.Tensor]:
     """``Z``: a copy of ``weights`` ({producer module: weight}) with every dropped unit's rows (channel; embedding
     columns) and every dropped 1×N vector (SIMD masks of ``allocation``) set to zero."""
-    from edgec.latency import simd as simd_mod
-    from edgec.analysis.groups import resolve_keep
-
     z = {k: v.detach().clone() for k, v in weights.items()}
     keep_idx = resolve_keep(analysis, allocation.keep) if allocation.keep else {}
     for s in analysis.slots:
@@ -507,23 +473,54 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return chunks
 
 
-def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs: int = 3, rho: float = 1e-3,
-         lr: float = 1e-3, batch_size: int = 32, seed: int = 0, grad_clip: float = 1.0,
-         min_density: float | None = None, progress=None) -> AdmmResult:
-    """ALCS ADMM on a copy of ``model`` (module docstring). ``data``: an ``edgec.data.DataBundle``. Returns the
-    trained (still dense) model, the final allocation on its weights, and per-round history (task loss,
-    ‖W − Z‖ / ‖W‖, estimate). The caller applies the hard mask (``prune.channels``) and fine-tunes."""
-    from edgec.analysis.groups import analyse
-    from edgec.train.loop import preflight, collate
-    from edgec.train.losses import first_output, task_loss
-
-    say = progress or (lambda _m: None)
+def _check_admm_args(data, epochs: int, rho: float) -> None:
     if int(epochs) < 1:
         raise EdgecError(f"admm epochs must be >= 1 (got {epochs})")
     if not (rho >= 0 and math.isfinite(rho)):
         raise EdgecError(f"rho must be a finite number >= 0 (got {rho})")
     if data.task not in ("classification", "regression"):
         raise EdgecError(f"cannot train on a '{data.task}' task (expected classification or regression)")
+
+
+def _w_step(gm, params: dict, z: dict, u: dict, train_ds, task: str, opt, gen, batch_size: int, rho: float,
+            grad_clip: float, r: int) -> tuple[float, float, int]:
+    """One epoch of Adam on task loss + ρ/2 Σ‖W − Z + U‖²; returns (task loss sum, penalty sum, examples)."""
+    gm.train()
+    loss_sum, pen_sum, count = 0.0, 0.0, 0
+    for idx in _batches(len(train_ds), int(batch_size), gen):
+        x, y = collate(train_ds, idx.tolist())
+        out = gm(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)))
+        lt = task_loss(first_output(out), y, task)
+        pen = sum(((params[n] - z[n] + u[n]) ** 2).sum() for n in params)
+        loss = lt + 0.5 * rho * pen
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise EdgecError(f"ADMM diverged: the loss is {value} in round {r + 1}; try a lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(gm.parameters(), grad_clip)
+        opt.step()
+        loss_sum += float(lt.detach()) * len(idx)
+        pen_sum += float(pen.detach()) * len(idx)
+        count += len(idx)
+    return loss_sum, pen_sum, count
+
+
+def _residual(w: dict, z: dict) -> float:
+    """‖W − Z‖ / ‖W‖ over all producer weights."""
+    w_norm = math.sqrt(sum(float((w[n] ** 2).sum()) for n in w)) or 1.0
+    return math.sqrt(sum(float(((w[n] - z[n]) ** 2).sum()) for n in w)) / w_norm
+
+
+def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs: int = 3, rho: float = 1e-3,
+         lr: float = 1e-3, batch_size: int = 32, seed: int = 0, grad_clip: float = 1.0,
+         min_density: float | None = None, progress=None) -> AdmmResult:
+    """ALCS ADMM on a copy of ``model`` (docs/methods.md#admm). ``data``: an ``edgec.data.DataBundle``. Returns the
+    trained (still dense) model, the final allocation on its weights, and per-round history (task loss,
+    ‖W − Z‖ / ‖W‖, estimate). The caller applies the hard mask (``prune.channels``) and fine-tunes."""
+    say = progress or (lambda _m: None)
+    _check_admm_args(data, epochs, rho)
     t0 = time.perf_counter()
     lm = _latency_model(table)
     student = model.clone()
@@ -536,48 +533,28 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
     names = list(dict.fromkeys(n for g in groups for n in producer_names(g)))
     params = {n: modules[n].weight for n in names}
 
-    def weights_now():
-        return {n: p.detach().clone() for n, p in params.items()}
+    def allocate_on(w):
+        return allocate(lm, student, target_ms, patterns=patterns, weights=w, analysis=analysis,
+                        min_density=min_density)
 
     history = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        w = weights_now()
-        alloc = allocate(lm, student, target_ms, patterns=patterns, weights=w, analysis=analysis,
-                         min_density=min_density)
-        z = project(w, analysis, alloc)
+        w = {n: p.detach().clone() for n, p in params.items()}
+        z = project(w, analysis, allocate_on(w))
         u = {n: torch.zeros_like(v) for n, v in w.items()}
         opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
         for r in range(int(epochs)):
-            gm.train()
-            loss_sum, pen_sum, count = 0.0, 0.0, 0
-            for idx in _batches(len(train_ds), int(batch_size), gen):
-                x, y = collate(train_ds, idx.tolist())
-                out = gm(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)))
-                lt = task_loss(first_output(out), y, data.task)
-                pen = sum(((params[n] - z[n] + u[n]) ** 2).sum() for n in names)
-                loss = lt + 0.5 * rho * pen
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise EdgecError(f"ADMM diverged: the loss is {value} in round {r + 1}; try a lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(gm.parameters(), grad_clip)
-                opt.step()
-                loss_sum += float(lt.detach()) * len(idx)
-                pen_sum += float(pen.detach()) * len(idx)
-                count += len(idx)
-            w = weights_now()
+            loss_sum, pen_sum, count = _w_step(gm, params, z, u, train_ds, data.task, opt, gen, batch_size, rho,
+                                               grad_clip, r)
+            w = {n: p.detach().clone() for n, p in params.items()}
             wu = {n: w[n] + u[n] for n in names}
-            alloc = allocate(lm, student, target_ms, patterns=patterns, weights=wu, analysis=analysis,
-                             min_density=min_density)
+            alloc = allocate_on(wu)
             z = project(wu, analysis, alloc)
             for n in names:
                 u[n] = u[n] + w[n] - z[n]
-            w_norm = math.sqrt(sum(float((w[n] ** 2).sum()) for n in names)) or 1.0
-            resid = math.sqrt(sum(float(((w[n] - z[n]) ** 2).sum()) for n in names)) / w_norm
+            resid = _residual(w, z)
             row = {"round": r + 1, "task_loss": loss_sum / max(1, count), "penalty": pen_sum / max(1, count),
                    "primal_residual": resid, "estimated_ms": alloc.estimated_ms,
                    "densities": {k: round(d, 4) for k, (_, d) in alloc.choice.items()}}

@@ -1,105 +1,51 @@
-"""``prune_file``: what ``edgec prune MODEL --latency-ms B`` runs (ALCS under a measured latency budget).
-
-1. Load the checkpoint; export it in memory and **measure** its median latency in onnxruntime (the protocol of
-   :mod:`edgec.onnx.session`, at ``threads`` and inputs of the spec's example shape with batch ``batch``).
-   ``latency_ratio`` budgets are relative to this measurement.
-2. The latency table: ``table`` (a file, e.g. measured on the target device; checked against the model, batch
-   and input shapes), else the cached/profiled table of the model's prunable channel groups on this machine
-   (:func:`edgec.latency.cache.cached`, ``units="groups"``; patterns ``channel`` plus ``simd:N`` when asked).
-3. Calibration. Table and measurement disagree a little (drift, load): ``scale = table dense / measured dense``
-   converts local ms to table ms. A budget in ms is local ms when the table was measured on this machine, and
-   *device* ms when the table was measured elsewhere (``load_warnings``: other CPU/runtime/threads); then the
-   check here is the budget scaled by the same ratio (a relative-speedup check), and the result says so.
-4. Feasibility, before any work: a budget below the table's fastest configuration (``min_latency`` over the
-   channel pattern, every group at its fastest measured density) is refused with
-   ``EdgecError(exit_code=EXIT_INFEASIBLE)`` (4) naming the minimum; nothing is written.
-5. Attempts (at most ``1 + max_retries``), each from the dense model: allocation to the target
-   (:func:`edgec.prune.alcs.allocate`); with ``data``: ADMM (:func:`edgec.prune.alcs.admm`, ``admm_epochs``
-   rounds) whose last allocation gives the kept units; the hard mask is the structural pass
-   ``prune.channels`` (physically smaller; it verifies pruned == masked original); with ``data`` a short
-   fine-tune (:func:`edgec.train.finetune`, ``finetune_epochs``, keep-best on val); then the verified export
-   (:func:`edgec.onnx.export.export`) is measured. A measured median over the local budget is measured once
-   more (the lower median counts: load from other processes only adds time; both runs are recorded). Over
-   budget: the target is tightened by the measured/estimated ratio (at least 2 %; further until the structure
-   changes) and the next attempt starts from the dense model. Without ``data`` the pruning is one-shot by
-   importance, with the same allocation (lower quality: nothing recovers the accuracy lost).
-6. Success: the checkpoint is written atomically with the provenance records ``prune.channels`` (structural:
-   the checkpoint replays), ``finetune`` (with data) and ``prune.alcs`` (budget, pattern, table key, seed, ρ,
-   epochs; estimated / measured / dense ms, densities, retries, latency-model error). Still over budget after
-   the retries: ``EdgecError(exit_code=EXIT_BUDGET_MISSED)`` (5) with the best measured latency; nothing written.
-
-Patterns: ``channel`` is executed. ``simd:N`` makes the table include the SIMD execution path's measurements
-and lets the allocation consider it per unit; the result's ``simd`` entry says per unit whether the table has a
-SIMD entry and where it measured faster or slower than channel pruning. edgec has no export path for
-SIMD-masked layers inside a whole model yet, so units for which the table says SIMD would pay off are channel
-pruned instead and a note says so; where the table shows SIMD slower (the usual case for onnxruntime's MLAS
-on x86: the gathered-blocks path loses to a dense MatMul of the same density) the note says that instead.
-"""
+"""``prune_file``: what ``edgec prune MODEL --latency-ms B`` runs: ALCS pruning to a latency budget measured in
+onnxruntime (dense measurement → latency table → budget → allocation → ADMM → shrink → fine-tune → export and
+measure, with retries → ``prune.alcs`` record → save). The pipeline and its calibration are described in
+docs/methods.md#alcs and docs/architecture.md#latency-and-pruning."""
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgec.analysis.groups import analyse
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import check_output
+from edgec.core.options import PruneOptions
+from edgec.core.pass_manager import PassManager
+from edgec.core.provenance import record
+from edgec.data import load_data
+from edgec.latency import simd as simd_mod
+from edgec.latency import table as tab
+from edgec.latency.cache import cached as cached_table
+from edgec.latency.model import LatencyModel
+from edgec.latency.profiling import DEFAULT_DENSITIES, trace_layers
+from edgec.latency.shapes import make_inputs, parse_input_shapes, resolve_shapes
+from edgec.models.checkpoint import load_checkpoint, save_checkpoint
+from edgec.onnx.export import export, refuse_scaffolds, to_onnx
+from edgec.onnx.session import measure_onnx
+from edgec.passes.prune_channels import PruneChannels
+from edgec.prune import alcs
 from edgec.prune.alcs import EXIT_BUDGET_MISSED, EXIT_INFEASIBLE
+from edgec.prune.result import PruneResult
+from edgec.train.job import data_name
+from edgec.train.loop import finetune
+from edgec.train.record import finetune_record
 
 PRUNE_VERSION = 1
 TIGHTEN_MIN = 0.02  # a retry's target is at least this fraction below the previous one
 MEASURE = {"warmup": 5, "repeats": 30, "min_seconds": 0.3}
+NO_FURTHER_RETRY = "the allocation is already at the table's fastest configuration; no further retry possible"
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _check_args(latency_ms, latency_ratio, threads, batch, admm_epochs, finetune_epochs, rho, lr, max_retries, margin,
-                min_density) -> None:
-    problems = []
-    if (latency_ms is None) == (latency_ratio is None):
-        problems.append("give exactly one of --latency-ms and --latency-ratio")
-    if latency_ms is not None and not (isinstance(latency_ms, (int, float)) and math.isfinite(latency_ms)
-                                       and latency_ms > 0):
-        problems.append(f"--latency-ms must be a number > 0 (got {latency_ms!r})")
-    if latency_ratio is not None and not (isinstance(latency_ratio, (int, float)) and 0 < latency_ratio <= 1):
-        problems.append(f"--latency-ratio must be in (0, 1] (got {latency_ratio!r})")
-    if int(threads) < 1:
-        problems.append(f"threads must be >= 1 (got {threads})")
-    if int(batch) < 1:
-        problems.append(f"batch must be >= 1 (got {batch})")
-    if int(admm_epochs) < 0 or int(finetune_epochs) < 0:
-        problems.append("epochs must be >= 0")
-    if not (float(rho) >= 0 and math.isfinite(rho)):
-        problems.append(f"rho must be a finite number >= 0 (got {rho})")
-    if not (float(lr) > 0 and math.isfinite(lr)):
-        problems.append(f"lr must be a finite number > 0 (got {lr})")
-    if int(max_retries) < 0:
-        problems.append(f"max_retries must be >= 0 (got {max_retries})")
-    if not 0.0 <= float(margin) < 1.0:
-        problems.append(f"margin is a fraction of the budget in [0, 1) (got {margin})")
-    if min_density is not None and not 0.0 < float(min_density) <= 1.0:
-        problems.append(f"min_density must be in (0, 1] (got {min_density})")
-    if problems:
-        raise EdgecError("; ".join(problems))
-
-
-def _load_bundle(data, model, data_options):
-    from edgec.data import load_data
-
-    if hasattr(data, "split") and hasattr(data, "task"):  # already a DataBundle
-        return data, getattr(data, "name", None) or "bundle"
-    from edgec.train.job import data_name
-
-    opts = dict(data_options or {})
-    if isinstance(model.config.get("n_mels"), int):
-        opts.setdefault("n_mels", model.config["n_mels"])
-    return load_data(os.fspath(data), **opts), data_name(data)
-
-
 def measure(onnx_bytes, feed, threads: int, over: float | None = None, options: dict | None = None) -> dict:
     """Median latency of ``onnx_bytes`` (``MEASURE`` protocol). When ``over`` is given and the first median exceeds
     it, measure once more and keep the lower median (interference from other processes only adds time)."""
-    from edgec.onnx.session import measure_onnx
-
     opts = dict(MEASURE, **(options or {}))
     first = measure_onnx(onnx_bytes, feed, threads=threads, **opts)
     runs = [first]
@@ -112,8 +58,6 @@ def measure(onnx_bytes, feed, threads: int, over: float | None = None, options: 
 def macs(model, shapes: dict) -> int:
     """Multiply-accumulates of the model's Linear / Conv1d / Conv2d layers at ``shapes`` (other ops — attention
     products, norms, activations — are not counted)."""
-    from edgec.latency.profile import trace_layers
-
     total = 0
     for info in trace_layers(model, shapes).values():
         m = info.module
@@ -168,296 +112,397 @@ def _key_summary(table: dict, source: str) -> dict:
             "remainder_ms": table["remainder_ms"]}
 
 
+@dataclass
+class _Run:
+    """What the steps of one ``prune_file`` call share; filled in step by step."""
 
-# ------------------------------------------------------------------------------------------- main
+    options: PruneOptions
+    say: Callable[[str], None]
+    pattern: str  # canonical name ("channel" | "simd:N")
+    kind: str  # "channel" | "simd"
+    out: Path | None = None
+    model: object = None  # the dense input model
+    bundle: object = None  # DataBundle or None (one-shot)
+    data_label: str | None = None
+    shapes: dict | None = None
+    feed: dict | None = None
+    notes: list = field(default_factory=list)
+    # dense measurement and latency table
+    dense_ms: float = 0.0
+    T: dict | None = None
+    source: str = ""
+    lm: LatencyModel | None = None
+    analysis: object = None
+    groups: list | None = None
+    foreign: bool = False  # the table was measured elsewhere
+    table_dense: float = 0.0
+    scale: float = 1.0  # table ms per local ms
+    # budget
+    budget_ms: float = 0.0
+    budget_local: float = 0.0
+    budget_table: float = 0.0
+    floor: float | None = None
+    min_table: float = 0.0
+    shown_min: float = 0.0
+    simd_info: dict | None = None
+    params_before: int = 0
+    macs_before: int = 0
 
-def prune_file(model_path, output, *, latency_ms: float | None = None, latency_ratio: float | None = None,
-               data=None, table=None, pattern: str = "channel", threads: int = 1, batch: int = 1,
-               admm_epochs: int = 3, finetune_epochs: int = 3, rho: float = 1e-3, lr: float = 1e-3,
-               batch_size: int = 32, seed: int = 0, max_retries: int = 3, margin: float = 0.0,
-               min_density: float | None = None, densities=None, input_shape=None, arch: str | None = None,
-               data_options: dict | None = None, profile_options: dict | None = None,
-               measure_options: dict | None = None, progress=None) -> dict:
-    """Prune ``model_path`` to a latency budget and write ``output`` (module docstring). Returns a plain dict.
+    @property
+    def threads(self) -> int:
+        return int(self.options.threads)
 
-    ``latency_ms`` (ms per ``session.run``) or ``latency_ratio`` (fraction of the dense model's measured
-    latency): exactly one. ``data``: a data source (as ``edgec finetune --data``) or a ``DataBundle``: enables
-    ADMM + fine-tuning; without it the pruning is one-shot. ``table``: a latency table file (``edgec profile``
-    with the channel groups as units). ``pattern``: "channel" or "simd:N". ``threads``/``batch``: onnxruntime
-    threads and the batch size the latency is measured (and profiled) at; other input dims are the spec's
-    example unless ``input_shape`` (``edgec profile --input-shape`` values, e.g. ``["pixels=1x1x32x32"]``) says
-    otherwise. ``margin``: aim this fraction below the budget. ``min_density``: no group below this density
-    (default: the table's lowest measured one). ``densities``: the profiling grid when a table is measured
-    (default ``edgec.latency.profile.DEFAULT_DENSITIES``); ``profile_options`` / ``measure_options``: passed to
-    the profiler / the measurement protocol. ``progress``: callable taking one-line messages.
-    """
-    from edgec.core.fileio import check_output
-    from edgec.models.checkpoint import load_checkpoint, save_checkpoint
-    from edgec.latency import simd as simd_mod
-    from edgec.latency import table as tab
-    from edgec.latency.model import LatencyModel
-    from edgec.latency.profile import DEFAULT_DENSITIES
-    from edgec.latency.shapes import make_inputs, parse_input_shapes, resolve_shapes
-    from edgec.latency.cache import cached as cached_table
-    from edgec.core.pass_manager import PassManager
-    from edgec.onnx.export import export, refuse_scaffolds, to_onnx
-    from edgec.passes.prune_channels import PruneChannels
-    from edgec.prune import alcs
-    from edgec.analysis.groups import analyse
+    @property
+    def batch(self) -> int:
+        return int(self.options.batch)
 
-    t_start = time.perf_counter()
-    say = progress or (lambda _m: None)
-    _check_args(latency_ms, latency_ratio, threads, batch, admm_epochs, finetune_epochs, rho, lr, max_retries, margin,
-                min_density)
-    threads, batch = int(threads), int(batch)
-    kind, n = simd_mod.parse_pattern(pattern)
-    pattern = simd_mod.pattern_name(kind, n)
-    model_path = Path(model_path)
-    out = check_output(output, model_path)
-    notes: list[str] = []
+    @property
+    def input_shapes(self) -> dict:
+        return {k: list(v) for k, v in self.shapes.items()}
 
-    model = load_checkpoint(model_path, arch=arch)
+
+@dataclass
+class _Attempt:
+    """One allocation → (ADMM) → shrink → (fine-tune) → export → measurement."""
+
+    row: dict
+    model: object
+    alloc: object
+    admm: dict | None
+    export: dict
+    records: list
+    finetune: dict | None
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+def _load_bundle(options: PruneOptions, model):
+    data = options.data
+    if hasattr(data, "split") and hasattr(data, "task"):  # already a DataBundle
+        return data, getattr(data, "name", None) or "bundle"
+    opts = options.data_options.to_kwargs()
+    if isinstance(model.config.get("n_mels"), int):
+        opts.setdefault("n_mels", model.config["n_mels"])
+    return load_data(os.fspath(data), **opts), data_name(data)
+
+
+def _load(input_path, output, options: PruneOptions, say) -> _Run:
+    """Validate, load the model (and data), fix the input shapes and the measurement feed."""
+    options.validate()
+    kind, n = simd_mod.parse_pattern(options.pattern)
+    run = _Run(options, say, simd_mod.pattern_name(kind, n), kind)
+    model_path = Path(input_path)
+    run.out = check_output(output, model_path)
+    run.model = model = load_checkpoint(model_path, arch=options.arch)
     model.gm.eval()
     refuse_scaffolds(model)
-    bundle, data_label = _load_bundle(data, model, data_options) if data is not None else (None, None)
-    if isinstance(input_shape, str):
-        input_shape = [input_shape]
+    run.bundle, run.data_label = _load_bundle(options, model) if options.data is not None else (None, None)
+    input_shape = [options.input_shape] if isinstance(options.input_shape, str) else options.input_shape
     given = parse_input_shapes(model.spec, input_shape) if input_shape else None
-    shapes = resolve_shapes(model.spec, given, batch)
-    feed = make_inputs(model.spec, shapes, seed=0)
+    run.shapes = resolve_shapes(model.spec, given, run.batch)
+    run.feed = make_inputs(model.spec, run.shapes, seed=0)
+    return run
 
-    # 1. dense latency, measured
-    say("exporting and measuring the dense model")
-    dense_proto = to_onnx(model)
-    dense_meas = measure(dense_proto.SerializeToString(), feed, threads, options=measure_options)
-    dense_ms = dense_meas["median_ms"]
 
-    # 2. latency table
-    patterns = ["channel"] + ([pattern] if kind == "simd" else [])
-    if table is not None:
-        say(f"reading the latency table {Path(table).name}")
-        T = tab.load_table(table, model, threads=threads, shapes=shapes)
-        source = f"file:{Path(table).name}"
+def _measure_dense(run: _Run):
+    """Export the dense model in memory and measure it; returns the ONNX proto (reused by the profiler)."""
+    run.say("exporting and measuring the dense model")
+    dense_proto = to_onnx(run.model)
+    meas = measure(dense_proto.SerializeToString(), run.feed, run.threads, options=run.options.measure_options)
+    run.dense_ms = meas["median_ms"]
+    return dense_proto
+
+
+def _latency_table(run: _Run, dense_proto) -> None:
+    """The given table file (checked against the model), else the cached/profiled one of this machine."""
+    o = run.options
+    patterns = ["channel"] + ([run.pattern] if run.kind == "simd" else [])
+    if o.table is not None:
+        run.say(f"reading the latency table {Path(o.table).name}")
+        T = tab.load_table(o.table, run.model, threads=run.threads, shapes=run.shapes)
+        run.source = f"file:{Path(o.table).name}"
         for w in T.get("load_warnings", []):
-            notes.append(w)
-        if kind == "simd" and not any(pattern in u["patterns"] for u in T["units"]):
-            notes.append(f"the latency table has no {pattern} measurements; SIMD was not considered "
-                         f"(profile with patterns channel,{pattern})")
+            run.notes.append(w)
+        if run.kind == "simd" and not any(run.pattern in u["patterns"] for u in T["units"]):
+            run.notes.append(f"the latency table has no {run.pattern} measurements; SIMD was not considered "
+                             f"(profile with patterns channel,{run.pattern})")
     else:
-        say("profiling the channel groups (cached when the key matches)")
-        T = cached_table(model, threads, shapes, batch=batch, units="groups",
-                       densities=DEFAULT_DENSITIES if densities is None else densities, patterns=patterns,
-                       progress=lambda m: say(f"profile: {m}"), dense_onnx=dense_proto, **(profile_options or {}))
-        source = "cache" if T.get("_cache", {}).get("hit") else "profiled"
-    lm = LatencyModel(T)
-    analysis = analyse(model)
-    groups = alcs.table_groups(lm, analysis)
-    foreign = bool(T.get("load_warnings"))
-    table_dense = lm.dense
-    scale = table_dense / dense_ms  # table ms per local ms
+        run.say("profiling the channel groups (cached when the key matches)")
+        T = cached_table(run.model, run.threads, run.shapes, batch=run.batch, units="groups",
+                         densities=DEFAULT_DENSITIES if o.densities is None else o.densities, patterns=patterns,
+                         progress=lambda m: run.say(f"profile: {m}"), dense_onnx=dense_proto,
+                         **(o.profile_options or {}))
+        run.source = "cache" if T.get("_cache", {}).get("hit") else "profiled"
+    run.T = T
+    run.lm = LatencyModel(T)
+    run.analysis = analyse(run.model)
+    run.groups = alcs.table_groups(run.lm, run.analysis)
+    run.foreign = bool(T.get("load_warnings"))
+    run.table_dense = run.lm.dense
+    run.scale = run.table_dense / run.dense_ms
 
-    # 3. budget in local and table ms
-    if latency_ms is not None:
-        budget_ms = float(latency_ms)
-        if foreign:
-            budget_table, budget_local = budget_ms, budget_ms / scale
-            notes.append(f"the latency table was measured elsewhere: the budget {budget_ms:g} ms applies to the "
-                         f"table's device; here the pruned model must measure <= {budget_local:.4g} ms (budget x "
-                         f"dense here / dense on the device = {1 / scale:.3g})")
+
+def _plan_budget(run: _Run) -> None:
+    """The budget in local ms and in table ms. A ms budget with a foreign table is the table device's."""
+    o = run.options
+    if o.latency_ms is not None:
+        budget_ms = float(o.latency_ms)
+        if run.foreign:
+            budget_table, budget_local = budget_ms, budget_ms / run.scale
+            run.notes.append(f"the latency table was measured elsewhere: the budget {budget_ms:g} ms applies to "
+                             f"the table's device; here the pruned model must measure <= {budget_local:.4g} ms "
+                             f"(budget x dense here / dense on the device = {1 / run.scale:.3g})")
         else:
-            budget_local, budget_table = budget_ms, budget_ms * scale
+            budget_local, budget_table = budget_ms, budget_ms * run.scale
     else:
-        budget_local, budget_table = float(latency_ratio) * dense_ms, float(latency_ratio) * table_dense
-        budget_ms = budget_table if foreign else budget_local
+        ratio = float(o.latency_ratio)
+        budget_local, budget_table = ratio * run.dense_ms, ratio * run.table_dense
+        budget_ms = budget_table if run.foreign else budget_local
+    run.budget_ms, run.budget_local, run.budget_table = budget_ms, budget_local, budget_table
 
-    # 4. feasibility (before any work)
-    floor = None if min_density is None else float(min_density)
-    min_table = lm.min_latency(["channel"], floor=floor)
-    min_local = min_table / scale
-    shown_min = min_table if foreign else min_local
-    if budget_table < min_table - 1e-12:
+
+def _check_feasible(run: _Run) -> None:
+    """Refuse (exit 4, nothing written) a budget below the table's fastest channel configuration."""
+    o = run.options
+    run.floor = floor = None if o.min_density is None else float(o.min_density)
+    run.min_table = min_table = run.lm.min_latency(["channel"], floor=floor)
+    min_local = min_table / run.scale
+    run.shown_min = min_table if run.foreign else min_local
+    if run.budget_table < min_table - 1e-12:
         raise EdgecError(
-            f"latency budget {budget_ms:.4g} ms is infeasible: the fastest configuration the latency table reaches "
-            f"(every channel group at its fastest measured density"
-            + (f" >= {floor:g}" if floor is not None else "") + f") is {shown_min:.4g} ms "
-            f"(dense {dense_ms:.4g} ms measured{' here' if foreign else ''}); nothing written",
+            f"latency budget {run.budget_ms:.4g} ms is infeasible: the fastest configuration the latency table "
+            f"reaches (every channel group at its fastest measured density"
+            + (f" >= {floor:g}" if floor is not None else "") + f") is {run.shown_min:.4g} ms "
+            f"(dense {run.dense_ms:.4g} ms measured{' here' if run.foreign else ''}); nothing written",
             exit_code=EXIT_INFEASIBLE)
 
-    # SIMD: consider it per unit when the table has it; we can only execute channel pruning
-    exec_patterns = ["channel"]
-    simd_info = None
-    if kind == "simd":
-        simd_info = simd_report(lm, groups, pattern)
-        if not simd_info["units_with_entry"]:
-            notes.append(f"{pattern} not chosen: no unit has a SIMD entry in the latency table "
-                         "(its producers are not Linear / 1x1 conv)")
-        elif not simd_info["faster_units"]:
-            notes.append(f"{pattern} not chosen for any layer: the latency table measured the SIMD path slower than "
-                         f"channel pruning at every density on {'its device' if foreign else 'this CPU'} "
-                         f"({T['key'].get('cpu')}, onnxruntime {T['key'].get('runtime_version')})"
-                         + (f" (e.g. {simd_info['examples'][0]})" if simd_info["examples"] else ""))
-        else:
-            try:
-                trial = alcs.allocate(lm, model, max(budget_table * (1 - margin), min_table),
-                                      patterns=["channel", pattern], analysis=analysis, min_density=floor)
-                chose = [u for u, (p, _) in trial.choice.items() if p == pattern]
-            except EdgecError:
-                chose = []
-            if chose:
-                notes.append(f"the latency table says {pattern} would pay off for {', '.join(chose)}; edgec cannot "
-                             "export SIMD-masked layers inside a whole model yet, so they were channel-pruned instead")
-            else:
-                faster = ", ".join(simd_info["faster_units"])
-                notes.append(f"{pattern} measured faster than channel pruning for {faster} at some densities, but "
-                             "the allocation preferred channel pruning everywhere")
-        simd_info["chosen"] = False
 
-    # 5. attempts
-    params_before = model.param_count()
-    macs_before = macs(model, shapes)
-    target = max(budget_table * (1.0 - float(margin)), min_table)
+def _simd_notes(run: _Run) -> None:
+    """SIMD is considered per unit where the table has it, but only channel pruning is executed: say why."""
+    if run.kind != "simd":
+        return
+    pattern, T = run.pattern, run.T
+    run.simd_info = info = simd_report(run.lm, run.groups, pattern)
+    if not info["units_with_entry"]:
+        run.notes.append(f"{pattern} not chosen: no unit has a SIMD entry in the latency table "
+                         "(its producers are not Linear / 1x1 conv)")
+    elif not info["faster_units"]:
+        run.notes.append(f"{pattern} not chosen for any layer: the latency table measured the SIMD path slower than "
+                         f"channel pruning at every density on {'its device' if run.foreign else 'this CPU'} "
+                         f"({T['key'].get('cpu')}, onnxruntime {T['key'].get('runtime_version')})"
+                         + (f" (e.g. {info['examples'][0]})" if info["examples"] else ""))
+    else:
+        try:
+            trial = alcs.allocate(run.lm, run.model, max(run.budget_table * (1 - run.options.margin), run.min_table),
+                                  patterns=["channel", pattern], analysis=run.analysis, min_density=run.floor)
+            chose = [u for u, (p, _) in trial.choice.items() if p == pattern]
+        except EdgecError:
+            chose = []
+        if chose:
+            run.notes.append(f"the latency table says {pattern} would pay off for {', '.join(chose)}; edgec cannot "
+                             "export SIMD-masked layers inside a whole model yet, so they were channel-pruned instead")
+        else:
+            faster = ", ".join(info["faster_units"])
+            run.notes.append(f"{pattern} measured faster than channel pruning for {faster} at some densities, but "
+                             "the allocation preferred channel pruning everywhere")
+    info["chosen"] = False
+
+
+def _allocate(run: _Run, target: float):
+    return alcs.allocate(run.lm, run.model, target, patterns=["channel"], analysis=run.analysis,
+                         min_density=run.floor)
+
+
+def _allocate_new(run: _Run, target: float, prev_sig):
+    """Allocate to ``target``; on a retry tighten it until the structure differs from the previous attempt's."""
+    alloc = _allocate(run, target)
+    while prev_sig is not None and alloc.signature() == prev_sig and target > run.min_table + 1e-12:
+        target = max(run.min_table, target * (1.0 - TIGHTEN_MIN))
+        alloc = _allocate(run, target)
+    return target, alloc
+
+
+def _finetune_pruned(run: _Run, pruned):
+    """A short fine-tune of the shrunk model; returns it with its ``finetune`` record appended."""
+    o = run.options
+    run.say(f"fine-tuning the pruned model ({o.finetune_epochs} epoch(s))")
+    tuned, report = finetune(pruned, run.bundle, epochs=int(o.finetune_epochs), lr=float(o.lr),
+                             batch_size=int(o.batch_size), seed=int(o.seed))
+    ft_record = finetune_record(pruned.digest(), tuned, report, {
+        "epochs": int(o.finetune_epochs), "batch_size": int(o.batch_size), "lr": float(o.lr), "seed": int(o.seed),
+        "data": run.data_label, "data_digest": getattr(run.bundle, "digest", None), "after": "prune.channels"})
+    tuned.provenance = list(pruned.provenance) + [ft_record]
+    return tuned, ft_record
+
+
+def _attempt(run: _Run, attempt: int, target: float, alloc0) -> _Attempt:
+    """From the dense model: (ADMM) → ``prune.channels`` → (fine-tune) → verified export → measurement."""
+    o = run.options
+    t_attempt = time.perf_counter()
+    work, alloc, admm_info, ft_record = run.model, alloc0, None, None
+    if run.bundle is not None and alloc0.choice and int(o.admm_epochs) > 0:
+        res = alcs.admm(run.model, run.bundle, run.lm, target, patterns=["channel"], epochs=int(o.admm_epochs),
+                        rho=float(o.rho), lr=float(o.lr), batch_size=int(o.batch_size), seed=int(o.seed),
+                        min_density=run.floor, progress=run.say)
+        work, alloc = res.model, res.allocation
+        admm_info = {"rounds": res.history, "seconds": res.seconds}
+    pruned, records = PassManager([PruneChannels(keep=alloc.keep)])(work)
+    if run.bundle is not None and alloc.choice and int(o.finetune_epochs) > 0:
+        pruned, ft_record = _finetune_pruned(run, pruned)
+    run.say("exporting (verified) and measuring the pruned model")
+    onnx_bytes, export_record = export(pruned)
+    meas = measure(onnx_bytes, run.feed, run.threads, over=run.budget_local, options=o.measure_options)
+    measured = meas["median_ms"]
+    est_local = alloc.estimated_ms / run.scale
+    row = {"attempt": attempt + 1, "target_ms": target / run.scale, "estimated_ms": est_local,
+           "estimated_table_ms": alloc.estimated_ms, "measured_ms": measured, "measured_runs_ms": meas["runs_ms"],
+           "p10_ms": meas["p10_ms"], "p90_ms": meas["p90_ms"],
+           "model_error": (est_local - measured) / measured if measured > 0 else None,
+           "densities": {u: round(d, 6) for u, (_, d) in alloc.choice.items()},
+           "seconds": time.perf_counter() - t_attempt}
+    return _Attempt(row, pruned, alloc, admm_info, export_record, records, ft_record)
+
+
+def _attempts(run: _Run) -> tuple[list[dict], _Attempt]:
+    """Up to ``1 + max_retries`` attempts; a measurement over budget tightens the target by measured/estimated
+    (at least ``TIGHTEN_MIN``). Returns the attempt rows and the fastest attempt."""
+    o = run.options
+    target = max(run.budget_table * (1.0 - float(o.margin)), run.min_table)
     attempts: list[dict] = []
-    best = None
-    prev_sig = None
-    for attempt in range(int(max_retries) + 1):
-        alloc0 = alcs.allocate(lm, model, target, patterns=exec_patterns, analysis=analysis, min_density=floor)
-        while prev_sig is not None and alloc0.signature() == prev_sig and target > min_table + 1e-12:
-            target = max(min_table, target * (1.0 - TIGHTEN_MIN))
-            alloc0 = alcs.allocate(lm, model, target, patterns=exec_patterns, analysis=analysis, min_density=floor)
+    best, prev_sig = None, None
+    for attempt in range(int(o.max_retries) + 1):
+        target, alloc0 = _allocate_new(run, target, prev_sig)
         if prev_sig is not None and alloc0.signature() == prev_sig:
-            notes.append("the allocation is already at the table's fastest configuration; no further retry possible")
+            run.notes.append(NO_FURTHER_RETRY)
             break
         prev_sig = alloc0.signature()
-        say(f"attempt {attempt + 1}: target {target / scale:.4g} ms (estimate {alloc0.estimated_ms / scale:.4g} ms), "
-            f"{len(alloc0.choice)} group(s) pruned")
-        t_attempt = time.perf_counter()
-        admm_info = None
-        ft_record = None
-        work = model
-        alloc = alloc0
-        if bundle is not None and alloc0.choice and int(admm_epochs) > 0:
-            res = alcs.admm(model, bundle, lm, target, patterns=exec_patterns, epochs=int(admm_epochs), rho=float(rho),
-                            lr=float(lr), batch_size=int(batch_size), seed=int(seed), min_density=floor,
-                            progress=say)
-            work, alloc = res.model, res.allocation
-            admm_info = {"rounds": res.history, "seconds": res.seconds}
-        pm = PassManager([PruneChannels(keep=alloc.keep)])
-        pruned, records = pm(work)
-        if bundle is not None and alloc.choice and int(finetune_epochs) > 0:
-            from edgec.train.loop import finetune
-            from edgec.train.record import finetune_record
-
-            say(f"fine-tuning the pruned model ({finetune_epochs} epoch(s))")
-            tuned, report = finetune(pruned, bundle, epochs=int(finetune_epochs), lr=float(lr),
-                                     batch_size=int(batch_size), seed=int(seed))
-            ft_record = finetune_record(pruned.digest(), tuned, report, {
-                "epochs": int(finetune_epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
-                "data": data_label, "data_digest": getattr(bundle, "digest", None), "after": "prune.channels"})
-            tuned.provenance = list(pruned.provenance) + [ft_record]
-            pruned = tuned
-        say("exporting (verified) and measuring the pruned model")
-        onnx_bytes, export_record = export(pruned)
-        meas = measure(onnx_bytes, feed, threads, over=budget_local, options=measure_options)
-        measured = meas["median_ms"]
-        est_local = alloc.estimated_ms / scale
-        row = {"attempt": attempt + 1, "target_ms": target / scale, "estimated_ms": est_local,
-               "estimated_table_ms": alloc.estimated_ms, "measured_ms": measured, "measured_runs_ms": meas["runs_ms"],
-               "p10_ms": meas["p10_ms"], "p90_ms": meas["p90_ms"],
-               "model_error": (est_local - measured) / measured if measured > 0 else None,
-               "densities": {u: round(d, 6) for u, (_, d) in alloc.choice.items()},
-               "seconds": time.perf_counter() - t_attempt}
-        attempts.append(row)
-        say(f"attempt {attempt + 1}: measured {measured:.4g} ms (estimated {est_local:.4g}, budget "
-            f"{budget_local:.4g})")
-        if best is None or measured < best["row"]["measured_ms"]:
-            best = {"row": row, "model": pruned, "alloc": alloc, "admm": admm_info, "export": export_record,
-                    "records": records, "finetune": ft_record}
-        if measured <= budget_local:
-            break
-        if attempt == int(max_retries):
+        run.say(f"attempt {attempt + 1}: target {target / run.scale:.4g} ms (estimate "
+                f"{alloc0.estimated_ms / run.scale:.4g} ms), {len(alloc0.choice)} group(s) pruned")
+        cand = _attempt(run, attempt, target, alloc0)
+        attempts.append(cand.row)
+        measured, est_local = cand.row["measured_ms"], cand.row["estimated_ms"]
+        run.say(f"attempt {attempt + 1}: measured {measured:.4g} ms (estimated {est_local:.4g}, budget "
+                f"{run.budget_local:.4g})")
+        if best is None or measured < best.row["measured_ms"]:
+            best = cand
+        if measured <= run.budget_local or attempt == int(o.max_retries):
             break
         ratio = measured / est_local if est_local > 0 else 1.0
-        wanted = budget_table * (1.0 - float(margin)) / ratio
-        new_target = max(min_table, min(wanted, target * (1.0 - TIGHTEN_MIN)))
+        wanted = run.budget_table * (1.0 - float(o.margin)) / ratio
+        new_target = max(run.min_table, min(wanted, target * (1.0 - TIGHTEN_MIN)))
         if new_target >= target - 1e-12:
-            notes.append("the allocation is already at the table's fastest configuration; no further retry possible")
+            run.notes.append(NO_FURTHER_RETRY)
             break
         target = new_target
+    return attempts, best
 
-    chosen = best
-    if chosen["row"]["measured_ms"] > budget_local:
-        b = chosen["row"]
+
+def _check_met(run: _Run, best: _Attempt, attempts: list[dict]) -> None:
+    """Still over budget after the retries: exit 5, nothing written."""
+    b = best.row
+    if b["measured_ms"] > run.budget_local:
         raise EdgecError(
             f"latency budget missed: the best pruned model measured {b['measured_ms']:.4g} ms (estimated "
             f"{b['estimated_ms']:.4g} ms, attempt {b['attempt']} of {len(attempts)}) against a budget of "
-            f"{budget_local:.4g} ms{' (scaled from the device budget)' if foreign else ''}; "
-            f"dense measures {dense_ms:.4g} ms; nothing written", exit_code=EXIT_BUDGET_MISSED)
+            f"{run.budget_local:.4g} ms{' (scaled from the device budget)' if run.foreign else ''}; "
+            f"dense measures {run.dense_ms:.4g} ms; nothing written", exit_code=EXIT_BUDGET_MISSED)
 
-    # 6. write
-    final, alloc, row = chosen["model"], chosen["alloc"], chosen["row"]
-    params_after = final.param_count()
-    macs_after = macs(final, shapes)
-    densities_out = {g.name: 1.0 for g in groups} | {u: d for u, (_, d) in alloc.choice.items()}
-    kept = {g.name: [len(alloc.keep.get(g.name, range(g.size))), g.size] for g in groups}
-    model_error = row["model_error"]
-    mode = "one-shot" if bundle is None else ("admm" if int(admm_epochs) > 0 else "finetune")
-    if bundle is None:
-        notes.append("one-shot pruning by weight importance (no --data): no ADMM and no fine-tuning, so expect an "
-                     "accuracy drop; pass --data for ADMM + fine-tuning")
+
+def _summary(run: _Run, best: _Attempt) -> dict:
+    """Sizes and densities of the chosen model, the mode, and the closing notes."""
+    final, alloc = best.model, best.alloc
+    summary = {"params_after": final.param_count(), "macs_after": macs(final, run.shapes),
+               "densities": {g.name: 1.0 for g in run.groups} | {u: d for u, (_, d) in alloc.choice.items()},
+               "kept": {g.name: [len(alloc.keep.get(g.name, range(g.size))), g.size] for g in run.groups},
+               "mode": "one-shot" if run.bundle is None else ("admm" if int(run.options.admm_epochs) > 0
+                                                              else "finetune")}
+    if run.bundle is None:
+        run.notes.append("one-shot pruning by weight importance (no --data): no ADMM and no fine-tuning, so expect "
+                         "an accuracy drop; pass --data for ADMM + fine-tuning")
     if not alloc.choice:
-        notes.append("the budget is above the model's estimated latency: nothing was pruned")
-    record = {
-        "pass": "prune.alcs", "version": PRUNE_VERSION,
-        "params": {"budget_ms": budget_ms, "local_budget_ms": budget_local, "latency_ms": latency_ms,
-                   "latency_ratio": latency_ratio, "pattern": pattern, "threads": threads, "batch": batch,
-                   "input_shapes": {k: list(v) for k, v in shapes.items()}, "table": _key_summary(T, source),
-                   "seed": int(seed), "rho": float(rho),
-                   "admm_epochs": int(admm_epochs) if bundle is not None else 0,
-                   "finetune_epochs": int(finetune_epochs) if bundle is not None else 0, "lr": float(lr),
-                   "batch_size": int(batch_size), "margin": float(margin), "max_retries": int(max_retries),
-                   "min_density": floor, "data": data_label, "mode": mode},
-        "input_digest": model.digest(),
-        "metrics": {"dense_ms": dense_ms, "estimated_ms": row["estimated_ms"], "measured_ms": row["measured_ms"],
-                    "measured_runs_ms": row["measured_runs_ms"], "estimated_table_ms": row["estimated_table_ms"],
-                    "densities": densities_out, "kept": kept, "retries": len(attempts) - 1,
-                    "attempts": [{k: a[k] for k in ("attempt", "target_ms", "estimated_ms", "measured_ms")}
-                                 for a in attempts],
-                    "model_error": model_error, "calibration": {"table_dense_ms": table_dense, "scale": scale},
-                    "params": {"before": params_before, "after": params_after},
-                    "macs": {"before": macs_before, "after": macs_after}},
-        "checks": {"latency": {"measured_ms": row["measured_ms"], "budget_ms": budget_local,
-                               "passed": row["measured_ms"] <= budget_local},
-                   "export": {"ort_parity_rel_error": chosen["export"]["checks"]["ort_parity"]["rel_error"],
-                              "passed": chosen["export"]["checks"]["ort_parity"]["passed"]}},
-    }
-    if chosen["admm"] is not None:
-        record["metrics"]["admm"] = [{k: r[k] for k in ("round", "task_loss", "primal_residual", "estimated_ms")}
-                                     for r in chosen["admm"]["rounds"]]
-    final.provenance = list(final.provenance) + [record]
-    record["output_digest"] = final.digest()
-    save_checkpoint(final, out)
-    say(f"wrote {out}")
+        run.notes.append("the budget is above the model's estimated latency: nothing was pruned")
+    return summary
 
-    result = {
-        "output": str(out), "input": str(model_path), "arch": model.arch,
-        "budget_ms": budget_ms, "local_budget_ms": budget_local, "budget_from": "ms" if latency_ms else "ratio",
-        "latency_ratio": latency_ratio, "dense_ms": dense_ms, "estimated_ms": row["estimated_ms"],
-        "measured_ms": row["measured_ms"], "measured_runs_ms": row["measured_runs_ms"],
-        "estimated_table_ms": row["estimated_table_ms"], "calibration": {"table_dense_ms": table_dense, "scale": scale},
-        "speedup": dense_ms / row["measured_ms"] if row["measured_ms"] > 0 else None,
-        "min_reachable_ms": shown_min, "table_foreign": foreign,
-        "params_before": params_before, "params_after": params_after,
-        "macs_before": macs_before, "macs_after": macs_after,
-        "flop_reduction": macs_before / macs_after if macs_after else None,
-        "densities": densities_out, "kept": kept, "retries": len(attempts) - 1, "attempts": attempts,
-        "pattern": pattern, "pattern_chosen": "channel", "simd": simd_info, "model_error": model_error,
-        "mode": mode, "admm": chosen["admm"],
-        "finetune": chosen["finetune"]["metrics"] if chosen["finetune"] else None,
-        "table": _key_summary(T, source) | {"warnings": list(T.get("load_warnings", []))},
-        "digest": final.digest(), "notes": notes, "seconds": time.perf_counter() - t_start,
-        "threads": threads, "batch": batch, "input_shapes": {k: list(v) for k, v in shapes.items()},
-    }
-    return result
+
+def _prune_record(run: _Run, best: _Attempt, attempts: list[dict], s: dict) -> dict:
+    """The ``prune.alcs`` provenance record (key order is part of the checkpoint bytes)."""
+    o, row, has_data = run.options, best.row, run.bundle is not None
+    params = {"budget_ms": run.budget_ms, "local_budget_ms": run.budget_local, "latency_ms": o.latency_ms,
+              "latency_ratio": o.latency_ratio, "pattern": run.pattern, "threads": run.threads, "batch": run.batch,
+              "input_shapes": run.input_shapes, "table": _key_summary(run.T, run.source),
+              "seed": int(o.seed), "rho": float(o.rho), "admm_epochs": int(o.admm_epochs) if has_data else 0,
+              "finetune_epochs": int(o.finetune_epochs) if has_data else 0, "lr": float(o.lr),
+              "batch_size": int(o.batch_size), "margin": float(o.margin), "max_retries": int(o.max_retries),
+              "min_density": run.floor, "data": run.data_label, "mode": s["mode"]}
+    metrics = {"dense_ms": run.dense_ms, "estimated_ms": row["estimated_ms"], "measured_ms": row["measured_ms"],
+               "measured_runs_ms": row["measured_runs_ms"], "estimated_table_ms": row["estimated_table_ms"],
+               "densities": s["densities"], "kept": s["kept"], "retries": len(attempts) - 1,
+               "attempts": [{k: a[k] for k in ("attempt", "target_ms", "estimated_ms", "measured_ms")}
+                            for a in attempts],
+               "model_error": row["model_error"],
+               "calibration": {"table_dense_ms": run.table_dense, "scale": run.scale},
+               "params": {"before": run.params_before, "after": s["params_after"]},
+               "macs": {"before": run.macs_before, "after": s["macs_after"]}}
+    if best.admm is not None:
+        metrics["admm"] = [{k: r[k] for k in ("round", "task_loss", "primal_residual", "estimated_ms")}
+                           for r in best.admm["rounds"]]
+    parity = best.export["checks"]["ort_parity"]
+    checks = {"latency": {"measured_ms": row["measured_ms"], "budget_ms": run.budget_local,
+                          "passed": row["measured_ms"] <= run.budget_local},
+              "export": {"ort_parity_rel_error": parity["rel_error"], "passed": parity["passed"]}}
+    return record("prune.alcs", PRUNE_VERSION, params, input_digest=run.model.digest(), metrics=metrics,
+                  checks=checks, output=best.model)
+
+
+def _result(run: _Run, best: _Attempt, attempts: list[dict], s: dict, input_path, t_start: float) -> PruneResult:
+    row, final = best.row, best.model
+    return PruneResult(
+        output=str(run.out), input=str(Path(input_path)), arch=run.model.arch,
+        budget_ms=run.budget_ms, local_budget_ms=run.budget_local,
+        budget_from="ms" if run.options.latency_ms else "ratio", latency_ratio=run.options.latency_ratio,
+        dense_ms=run.dense_ms, estimated_ms=row["estimated_ms"], measured_ms=row["measured_ms"],
+        measured_runs_ms=row["measured_runs_ms"], estimated_table_ms=row["estimated_table_ms"],
+        calibration={"table_dense_ms": run.table_dense, "scale": run.scale},
+        speedup=run.dense_ms / row["measured_ms"] if row["measured_ms"] > 0 else None,
+        min_reachable_ms=run.shown_min, table_foreign=run.foreign,
+        params_before=run.params_before, params_after=s["params_after"],
+        macs_before=run.macs_before, macs_after=s["macs_after"],
+        flop_reduction=run.macs_before / s["macs_after"] if s["macs_after"] else None,
+        densities=s["densities"], kept=s["kept"], retries=len(attempts) - 1, attempts=attempts,
+        pattern=run.pattern, pattern_chosen="channel", simd=run.simd_info, model_error=row["model_error"],
+        mode=s["mode"], admm=best.admm, finetune=best.finetune["metrics"] if best.finetune else None,
+        table=_key_summary(run.T, run.source) | {"warnings": list(run.T.get("load_warnings", []))},
+        digest=final.digest(), notes=run.notes, seconds=time.perf_counter() - t_start,
+        threads=run.threads, batch=run.batch, input_shapes=run.input_shapes,
+    )
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def prune_file(input_path, output, options: PruneOptions, *,
+               progress: Callable[[str], None] | None = None) -> PruneResult:
+    """Prune ``input_path`` to ``options``' latency budget and write ``output`` (see docs/methods.md#alcs).
+
+    Exit codes via :class:`EdgecError`: ``EXIT_INFEASIBLE`` (4) for a budget below the table's reachable minimum
+    (refused before any work), ``EXIT_BUDGET_MISSED`` (5) when every attempt measured over budget; nothing is
+    written then. ``options.data`` may also be a ``DataBundle``. ``progress`` takes one-line messages.
+    """
+    t_start = time.perf_counter()
+    run = _load(input_path, output, options, progress or (lambda _m: None))
+    dense_proto = _measure_dense(run)
+    _latency_table(run, dense_proto)
+    _plan_budget(run)
+    _check_feasible(run)
+    _simd_notes(run)
+    run.params_before, run.macs_before = run.model.param_count(), macs(run.model, run.shapes)
+    attempts, best = _attempts(run)
+    _check_met(run, best, attempts)
+    summary = _summary(run, best)
+    rec = _prune_record(run, best, attempts, summary)
+    best.model.provenance = list(best.model.provenance) + [rec]
+    save_checkpoint(best.model, run.out)
+    run.say(f"wrote {run.out}")
+    return _result(run, best, attempts, summary, input_path, t_start)
 
 
 __all__ = ["EXIT_BUDGET_MISSED", "EXIT_INFEASIBLE", "macs", "measure", "prune_file", "simd_report"]

@@ -1,15 +1,7 @@
-"""Fine-tuning: a real training loop (AdamW, warm-up + cosine, clipping, keep-best), exact resume,
-logits distillation, and DDP when launched with ``torchrun``.
+"""Fine-tuning: a training loop with keep-best and exact resume, logits and OFF distillation, DDP under
+``torchrun``.
 
-    from edgec.train import finetune, finetune_file
     best, report = finetune(model, bundle, epochs=10, resume_file="run.resume")
-    result = finetune_file("hrf.pt", "train/", "hrf-ft.pt", epochs=10)      # load -> train -> save
-
-Distributed (2 CPU processes, gloo):
-    torchrun --standalone --nproc_per_node 2 -m edgec finetune hrf.pt --data train/ -o hrf-ft.pt
-
-Distillation: ``finetune(..., teacher=fp, distill="off")`` adds OFF (1 − cos of student and teacher block
-outputs, see :mod:`edgec.train.distill`); ``distill="logits"`` is KL on soft targets.
 """
 from edgec.train.distill import block_names, feature_extractor, find_teacher, off_loss, resolve_layers
 from edgec.train.distributed import is_main_process

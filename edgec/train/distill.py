@@ -1,45 +1,6 @@
-"""Feature distillation support: block outputs of a traced graph, feature extraction, the OFF loss, the
-default teacher lookup, and the binary latent-weight supervision hook.
-
-**Block outputs in an fx graph.** In a traced ``fx.GraphModule`` only leaf modules run; a container
-module such as a Transformer block is inlined, so its output is not the output of any module that could
-be hooked (a residual block ends with an ``add``, not with a leaf). edgec therefore defines a module's
-output on the *graph*:
-
-* every node gets a *scope*, the qualified name of the innermost module whose ``forward`` created it:
-  the target for a ``call_module`` node (a leaf, e.g. the scaffold ``blocks.0.ffn.linear1_hrf``), else
-  the last entry of ``node.meta["nn_module_stack"]`` (recorded by ``torch.fx`` tracing in torch 2.x; a
-  checkpoint is re-traced from the zoo on load, so the metadata is always there for traced nodes), the
-  attribute's owner for ``get_attr``. A node without a module stack (top-level code of ``forward``, or a
-  node a pass inserted) gets the innermost scope shared by its inputs and users. The graph's
-  placeholders and output are outside every module.
-* the **output of module P** is the last node (graph order) inside P's scope (P itself or below) whose
-  value is used by a node outside it. This is exactly the value ``P.forward`` returned (for a tuple
-  return: its last element computed).
-* a **block** is a module whose name ends in an index (an item of a ModuleList/Sequential: ``blocks.3``,
-  ``stages.1.0``, ``encoder.layer.2``, ``levels.0.1``, ``merges.0``) that is not a leaf module (it contains
-  other modules or operations) and is not itself only a container of such indexed modules (so
-  ``stages.1`` = Sequential of BasicBlocks is not a block, its items are). Nested blocks keep only the
-  outermost. Blocks are ordered by the position of their output in the graph.
-
-Scaffold passes replace layers at the same qualified names (or add scaffolds under the same parent), so
-the student (scaffolded) and the teacher (full precision) have the same block names; features are
-matched by name and their shapes are checked.
-
-**Feature extraction.** :func:`feature_extractor` builds a second GraphModule with the same graph plus
-one extra output — ``(original outputs, (feature_1, ..., feature_k))`` — whose submodules, parameters
-and buffers are the *same objects* as the original's (no copy). Training runs this module (wrapped in DDP
-when distributed, so gradients stay synchronised exactly as for the plain model); the state lives in the
-original GraphModule, which is what is evaluated and saved.
-
-**OFF** (TernaryLLM's outlier-friendly feature distillation, METHODS.md):
-``L_OFF = mean over layers ( mean over positions ( 1 − cos(h_s, h_t) ) )``, each chosen layer weighted
-equally. The cosine is taken over the feature dimension of each token/position: the LAST dim for 2-D
-(batch, features) and 3-D (batch, tokens, features) outputs, dim 1 (channels) for 4-D and higher
-(batch, channels, H, W, ...) conv feature maps, i.e. per spatial position over C (choice). A 3-D conv1d
-map laid out (batch, channels, length) is thus compared per channel over length; choose another layer if
-that matters. Computed in float32 as ``s·t / sqrt(max(|s|²·|t|², eps²))`` (eps 1e-8), which is exactly 1
-for identical features, so the loss is exactly 0 when student and teacher agree.
+"""Feature distillation: block outputs of a traced graph, feature-extraction graphs that share the model's
+modules, the OFF loss, and the lookup of the full-precision teacher a scaffold came from. How a block's
+output is defined on the graph, and the loss: docs/methods.md#off-distillation.
 """
 from __future__ import annotations
 
@@ -51,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import read_data
 
 EPS = 1e-8
 
@@ -123,7 +85,7 @@ def module_paths(gm: fx.GraphModule, scopes: dict | None = None) -> tuple[list[s
 
 
 def output_nodes(gm: fx.GraphModule, names: list[str], scopes: dict | None = None) -> dict[str, fx.Node]:
-    """For each module name: the node holding what its forward returned (see the module docstring)."""
+    """For each module name: the node holding what its forward returned (docs/methods.md#off-distillation)."""
     scopes = node_scopes(gm) if scopes is None else scopes
     out: dict[str, fx.Node] = {}
     for name in names:
@@ -140,7 +102,7 @@ def output_nodes(gm: fx.GraphModule, names: list[str], scopes: dict | None = Non
 
 
 def block_names(gm: fx.GraphModule) -> list[str]:
-    """The graph's blocks (module docstring), ordered by where their output is computed."""
+    """The graph's blocks (docs/methods.md#off-distillation), ordered by where their output is computed."""
     scopes = node_scopes(gm)
     paths, leaves = module_paths(gm, scopes)
     children: dict[str, list[str]] = {}
@@ -277,12 +239,10 @@ def _stored_digest(path: Path) -> str | None:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - not a (zip) torch file: fall back to the checked reader
         try:
-            from edgec.core.fileio import read_data
-
             obj = read_data(path)
         except EdgecError:
             return None
-    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.models.checkpoint/"):
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
         d = obj.get("digest")
         return d if isinstance(d, str) else None
     return None
@@ -314,25 +274,7 @@ def find_teacher(model_path, model, mode: str = "off", exclude=()) -> tuple[Path
 
 
 # ------------------------------------------------------------------------------------------------ binary
-BINARY_API = "edgec.passes.binary"
-
-
-def binary_api():
-    """``(binary_aux_loss, real_mode, binary_latent_weights)`` from the binary pass (its documented training
-    API), or an EdgecError saying why not."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(BINARY_API)
-    except ImportError as exc:
-        raise EdgecError(f"binary latent-weight supervision needs {BINARY_API} ({exc})") from None
-    names = ("binary_aux_loss", "real_mode", "binary_latent_weights")
-    missing = [n for n in names if not hasattr(mod, n)]
-    if missing:
-        raise EdgecError(f"{BINARY_API} lacks {', '.join(missing)}; this edgec cannot train binary latent weights")
-    return tuple(getattr(mod, n) for n in names)
-
-
 def has_binary_scaffold(gm: torch.nn.Module) -> bool:
+    """Whether ``gm`` holds binary scaffolds (scaffold.binary layers not yet folded)."""
     return any(getattr(m, "kind", None) == "binary" and getattr(m, "folded_by", None) == "fold.binary"
                for m in gm.modules())

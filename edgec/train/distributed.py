@@ -1,26 +1,6 @@
-"""DistributedDataParallel glue: one process per device, launched by ``torchrun``.
-
-Under ``torchrun --nproc_per_node N`` each worker sees ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (and the
-rendezvous address) in its environment. :func:`session` initialises the default process group from that
-environment when ``WORLD_SIZE > 1`` (``gloo`` on CPU, ``nccl`` when CUDA is available), and tears it down
-again on exit if it was the one that created it; without ``WORLD_SIZE`` (or with 1) it is a no-op and the
-code runs single-process.
-
-Conventions the training loop follows (documented here because they decide results):
-
-* ``batch_size`` is the GLOBAL batch: each process takes ``batch_size // world_size`` examples per step
-  (``batch_size`` must be at least ``world_size``). Gradients are averaged by DDP, so one step of an
-  N-process run sees the same number of examples as one step of a single-process run.
-* Shuffling uses :class:`torch.utils.data.DistributedSampler` with ``seed`` and ``set_epoch(epoch)``, i.e.
-  the permutation of epoch ``e`` comes from a generator seeded ``seed + e`` (also with one process), and
-  each rank takes every ``world_size``-th index (the sampler pads by repeating a few examples so every
-  rank has the same number of steps).
-* Validation runs on EVERY rank over the FULL val set after rank 0's buffers (BatchNorm running stats)
-  have been broadcast, so all ranks compute identical metrics and take the same keep-best decision with no
-  further communication. The val sets edgec targets are small, so the duplicated work is cheap.
-* Only rank 0 writes files (resume file, output checkpoint) and emits progress events.
-* Each rank seeds its global RNG with ``seed + rank`` (different dropout masks per rank); the resume file
-  stores every rank's RNG state, so resuming needs the same world size (it is part of the fingerprint).
+"""DistributedDataParallel glue for ``torchrun`` (one process per device; a plain single process without
+``WORLD_SIZE``). The conventions that decide results (global batch, shuffling, validation on every rank,
+rank-0 writes, per-rank seeds) are in docs/methods.md#logits-distillation with the fine-tuning recipe.
 """
 from __future__ import annotations
 
@@ -30,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from edgec.core.errors import EdgecError
 
@@ -153,7 +134,5 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, find
     """DistributedDataParallel around ``module`` (returned unchanged when single process)."""
     if not info.distributed:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused)

@@ -1,33 +1,10 @@
 """The fine-tuning loop: AdamW, linear warm-up + cosine decay, gradient clipping, per-epoch validation,
-keep-best, exact resume, optional logits distillation, DDP under torchrun.
+keep-best, exact resume, logits/OFF distillation, binary latent-weight supervision, DDP under torchrun.
 
-Choices that decide results (all recorded in the report, and in the resume fingerprint):
-
-* Optimizer: AdamW(lr, weight_decay) with weight decay only on tensors of rank >= 2 (weights of linear
-  and conv layers); biases, norm parameters and per-channel scales (rank <= 1) get none.
-* Schedule, per optimizer step ``i`` (0-based) of ``S = epochs * steps_per_epoch``, ``W = round(warmup * S)``:
-  ``lr_i = lr * (i + 1) / W`` for ``i < W``, then ``lr * ½(1 + cos(π (i − W) / (S − W)))``.
-* Gradient clipping: global L2 norm ``grad_clip`` (0 disables).
-* Batches: shuffled per epoch with a generator seeded ``seed + epoch`` (DistributedSampler, also with one
-  process); a trailing batch of a single example is dropped (BatchNorm cannot train on one value per
-  channel; the example is seen in other epochs).
-* Loss: cross-entropy (classification) / MSE (regression); with a teacher
-  ``(1 − kd_weight)·task + kd_weight·T²·KL(softmax(t/T) ‖ softmax(s/T))``; plus ``extra_loss`` if given.
-  ``distill``: "none", "logits" (the line above; ``kd_weight`` 1.0 is pure distillation, STTN's recipe) or
-  "off": ``(1 − kd_weight)·task + kd_weight·KD + off_weight · L_OFF`` (kd_weight defaults to 0 here, so
-  ``task + λ·L_OFF`` as in TernaryLLM), ``L_OFF`` = mean over the ``off_layers`` (default: every block
-  output) and positions of ``1 − cos(h_student, h_teacher)``; see :mod:`edgec.train.distill` for how block
-  outputs are found in the traced graph and over which dimension the cosine runs.
-  Binary scaffolds (latent-weight supervision, arXiv 2110.05850): ``+ λ1·task(real-network outputs) +
-  λ2·mean over binary layers (1 − cos(y_b, y_r))``; the real network is one more forward of the same graph
-  under ``edgec.passes.binary.real_mode`` (every binary layer computes with its real latent weight), the
-  cosine term is ``binary_aux_loss`` from the binary layers' outputs of the main forward. (λ1, λ2) default
-  to the ``latent_weight`` scaffold.binary recorded; ``binary_weights`` overrides, (0, 0) disables.
-* Validation after every epoch on ``data.split("val")`` in eval mode; keep-best by val UAR
-  (classification) or CCC (regression), ties broken by the lower val loss (then the earlier epoch).
-  The returned model carries the best epoch's weights, in eval mode, on the CPU.
-* RNG: the run seeds torch/python/numpy with ``seed + rank`` inside a private RNG scope, so the caller's
-  global RNG state is left as it was.
+``_finetune`` runs as named steps (set-up, resume, epochs of training steps, validation and keep-best,
+report); their order of RNG use and float ops is part of the result, so ``resume=True`` ends bit-identical
+to an uninterrupted run. The recipe and its loss terms: docs/methods.md#logits-distillation and
+docs/methods.md#off-distillation.
 """
 from __future__ import annotations
 
@@ -35,8 +12,9 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,13 +22,16 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model
+from edgec.core.metrics import classification_metrics, regression_metrics
+from edgec.core.options import DISTILL_MODES
+from edgec.layers.binary import binary_aux_loss, binary_latent_weights, real_mode
+from edgec.models.checkpoint import load_state_dict_strict
 from edgec.train import distill as DS
 from edgec.train import distributed as D
 from edgec.train.losses import FeatureTap, combined_loss, first_output, task_loss
 from edgec.train.resume import load_resume, rng_state, save_resume, seed_all, set_rng_state
 
 LOOP_VERSION = 1
-DISTILL_MODES = ("none", "logits", "off")
 MONITOR = {"classification": "uar", "regression": "ccc"}
 
 
@@ -114,8 +95,6 @@ def _args(x) -> tuple:
 def evaluate(gm: torch.nn.Module, ds: Dataset, task: str, num_classes: int | None, batch_size: int,
              device: torch.device) -> dict:
     """Val metrics in eval mode: classification accuracy/uar/macro_f1, regression ccc/mae, plus ``loss``."""
-    from edgec.core.metrics import classification_metrics, regression_metrics
-
     gm.eval()
     preds, targets = [], []
     loss_sum, count = 0.0, 0
@@ -345,276 +324,468 @@ def resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_
     return {"mode": mode, "kd_weight": kd, "off_weight": lam, "off_layers": off_layers, "binary": binary}
 
 
+# ------------------------------------------------------------------------------------------------ steps
+@dataclass
+class _Nets:
+    """The modules a run uses: the student's graph, the frozen teacher's, the OFF feature graphs (sharing
+    their modules), whether binary latent-weight supervision runs, what training calls, and feature taps."""
+
+    student: Model
+    gm: torch.nn.Module
+    tgm: torch.nn.Module | None = None
+    layers: list[str] | None = None
+    fgm: torch.nn.Module | None = None
+    tfgm: torch.nn.Module | None = None
+    binary: bool = False
+    net: torch.nn.Module | None = None  # fgm or gm, DDP-wrapped when distributed
+    taps: dict | None = None
+
+
+@dataclass
+class _Run:
+    """Everything a run fixes before its first step."""
+
+    data: object
+    info: D.DistInfo
+    dev: torch.device
+    emit: Callable[[dict], None]
+    t_start: float
+    train_ds: Dataset
+    val_ds: Dataset
+    nets: _Nets
+    hyper: dict  # epochs, batch_size, lr, weight_decay, warmup, grad_clip, seed, kd_temperature
+    mode: str
+    kd_weight: float
+    opts: dict  # resolve_distill's result (with "binary" resolved)
+    extra_loss: Callable | None
+    sizes: dict  # per_rank, n_train, steps_per_epoch, total_steps, warmup_steps
+    fingerprint: dict
+    distill_info: dict
+    notes: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    resume_file: Path | None
+    resume: bool
+
+
+@dataclass
+class _State:
+    """What changes while a run trains (and what a resume file restores)."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    start_epoch: int = 0
+    epoch: int = 0
+    step: int = 0
+    prior_seconds: float = 0.0
+    last_lr: float = 0.0
+
+
 def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_decay, warmup, grad_clip, seed,
               teacher, kd_weight, kd_temperature, resume_file, resume, progress, extra_loss, feature_layers, device,
               distill, off_weight, off_layers, binary_weights):
+    """One run: check the options, set up, resume if asked, train every remaining epoch, report."""
     _check_hyper(epochs, batch_size, lr, weight_decay, warmup, grad_clip, kd_weight, kd_temperature, info)
     opts = resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_weights)
-    mode, kd_weight = opts["mode"], opts["kd_weight"]
     if data.task not in MONITOR:
         raise EdgecError(f"cannot fine-tune on a '{data.task}' task (expected classification or regression)")
     if resume and resume_file is None:
         raise EdgecError("resume=True needs a resume_file")
+    hyper = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+             "grad_clip": grad_clip, "seed": seed, "kd_temperature": kd_temperature}
+    run = _setup(model, data, info, hyper, opts, teacher=teacher, resume_file=resume_file, resume=resume,
+                 progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device)
+    with _private_rng(run.dev):
+        seed_all(seed + info.rank)
+        state = _resume(run) if resume else _State()
+        _train(run, state)
+    return _report(run, state)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def _setup(model: Model, data, info: D.DistInfo, hyper: dict, opts: dict, *, teacher, resume_file, resume, progress,
+           extra_loss, feature_layers, device) -> _Run:
+    """Devices, model copies (checked on val examples), sizes, fingerprint, optimizer and feature taps."""
     train_ds, val_ds = data.split("train"), data.split("val")
     dev = D.device_for(info, device)
     emit = progress if (progress is not None and info.is_main) else (lambda event: None)
     t_start = time.perf_counter()
-
     start_digest = model.digest()
+    notes: list[str] = []
+    nets = _prepare_nets(model, teacher, data, val_ds, dev, opts, notes)
+    sizes = _sizes(len(train_ds), hyper, info, notes)
+    fingerprint = _fingerprint(start_digest, data, hyper, info, teacher, extra_loss, feature_layers, opts,
+                               nets.layers)
+    optimizer, scheduler = _optimizer(nets, hyper["lr"], hyper["weight_decay"], sizes)
+    nets.taps = _feature_taps(nets, feature_layers)
+    return _Run(data=data, info=info, dev=dev, emit=emit, t_start=t_start, train_ds=train_ds, val_ds=val_ds,
+                nets=nets, hyper=hyper, mode=opts["mode"], kd_weight=opts["kd_weight"], opts=opts,
+                extra_loss=extra_loss, sizes=sizes, fingerprint=fingerprint,
+                distill_info=_distill_info(opts, nets.layers, fingerprint["teacher"], hyper["kd_temperature"]),
+                notes=notes, optimizer=optimizer, scheduler=scheduler, resume_file=resume_file, resume=resume)
+
+
+def _prepare_nets(model: Model, teacher: Model | None, data, val_ds: Dataset, dev: torch.device, opts: dict,
+                  notes: list[str]) -> _Nets:
+    """Copies of the student and the teacher on ``dev`` (both checked on two val examples), the OFF feature
+    graphs when ``distill == "off"``, and the binary supervision settings."""
     student = model.clone()
-    gm = student.gm.to(dev)
+    nets = _Nets(student, student.gm.to(dev))
     preflight(student, data, val_ds, dev, "model")
-    tgm = None
     if teacher is not None:
         tmodel = teacher.clone()
-        tgm = tmodel.gm.to(dev).eval()
-        tgm.requires_grad_(False)
+        nets.tgm = tmodel.gm.to(dev).eval()
+        nets.tgm.requires_grad_(False)
         preflight(tmodel, data, val_ds, dev, "teacher")
+    if opts["mode"] == "off":
+        _prepare_off(nets, opts, val_ds, dev)
+    _resolve_binary(nets, opts, notes)
+    return nets
 
-    notes: list[str] = []
-    # OFF: feature-extraction copies of the student and the teacher graph (sharing their modules).
-    layers, fgm, tfgm = None, None, None
-    if mode == "off":
-        layers = DS.resolve_layers(gm, opts["off_layers"], "model")
-        fgm = DS.feature_extractor(gm, layers)
-        try:
-            tfgm = DS.feature_extractor(tgm, layers)
-        except EdgecError as exc:
-            raise EdgecError(f"the teacher has no layer matching the student's OFF layers ({exc})") from None
-        tfgm.eval()
-        _preflight_features(fgm, tfgm, layers, val_ds, dev)
-    binary_fns = None
-    if opts["binary"] == "auto":  # the weights scaffold.binary recorded (its --latent-weight), if any
+
+def _prepare_off(nets: _Nets, opts: dict, val_ds: Dataset, dev: torch.device) -> None:
+    """OFF: feature-extraction copies of the student and the teacher graph (sharing their modules)."""
+    nets.layers = DS.resolve_layers(nets.gm, opts["off_layers"], "model")
+    nets.fgm = DS.feature_extractor(nets.gm, nets.layers)
+    try:
+        nets.tfgm = DS.feature_extractor(nets.tgm, nets.layers)
+    except EdgecError as exc:
+        raise EdgecError(f"the teacher has no layer matching the student's OFF layers ({exc})") from None
+    nets.tfgm.eval()
+    _preflight_features(nets.fgm, nets.tfgm, nets.layers, val_ds, dev)
+
+
+def _resolve_binary(nets: _Nets, opts: dict, notes: list[str]) -> None:
+    """Binary latent-weight supervision: ``opts["binary"]`` "auto" becomes the weights scaffold.binary
+    recorded (its --latent-weight) when they are not all 0, else None; explicit weights need binary scaffolds."""
+    if opts["binary"] == "auto":
         opts["binary"] = None
-        if DS.has_binary_scaffold(gm):
-            binary_fns = DS.binary_api()
-            recorded = binary_fns[2](gm)
+        if DS.has_binary_scaffold(nets.gm):
+            recorded = binary_latent_weights(nets.gm)
             if recorded is not None and any(float(v) > 0 for v in recorded):
                 opts["binary"] = tuple(float(v) for v in recorded)
                 notes.append(f"binary latent-weight supervision λ1,λ2 = {list(opts['binary'])} (recorded by "
                              "scaffold.binary; binary_weights overrides, (0, 0) disables)")
-            else:
-                binary_fns = None
+                nets.binary = True
     elif opts["binary"] is not None:
-        if not DS.has_binary_scaffold(gm):
+        if not DS.has_binary_scaffold(nets.gm):
             raise EdgecError(f"binary_weights needs a student with binary scaffolds (edgec scaffold binary); "
-                             f"the model ({student.arch}) has none")
-        binary_fns = DS.binary_api()
+                             f"the model ({nets.student.arch}) has none")
+        nets.binary = True
 
+
+def _sizes(n_train: int, hyper: dict, info: D.DistInfo, notes: list[str]) -> dict:
+    """Per-process batch, steps per epoch, total and warm-up steps."""
+    batch_size = hyper["batch_size"]
     per_rank = batch_size // info.world_size
-    n_train = len(train_ds)
-    steps_per_epoch = len(epoch_batches(n_train, 0, seed, per_rank, info))
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = int(round(warmup * total_steps))
+    steps_per_epoch = len(epoch_batches(n_train, 0, hyper["seed"], per_rank, info))
+    total_steps = hyper["epochs"] * steps_per_epoch
+    warmup_steps = int(round(hyper["warmup"] * total_steps))
     if info.distributed and batch_size % info.world_size:
         notes.append(f"batch_size {batch_size} is not divisible by {info.world_size} processes: "
                      f"{per_rank} per process ({per_rank * info.world_size} per step)")
+    return {"per_rank": per_rank, "n_train": n_train, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "warmup_steps": warmup_steps}
 
+
+def _fingerprint(start_digest: str, data, hyper: dict, info: D.DistInfo, teacher: Model | None, extra_loss,
+                 feature_layers, opts: dict, layers: list[str] | None) -> dict:
+    """What a resume file must match: the model and data at the start and every option that decides results."""
     fingerprint = {
         "loop": LOOP_VERSION, "model": start_digest, "data": data.digest, "task": data.task,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-        "grad_clip": grad_clip, "seed": seed, "world_size": info.world_size,
+        "epochs": hyper["epochs"], "batch_size": hyper["batch_size"], "lr": hyper["lr"],
+        "weight_decay": hyper["weight_decay"], "warmup": hyper["warmup"], "grad_clip": hyper["grad_clip"],
+        "seed": hyper["seed"], "world_size": info.world_size,
         "teacher": teacher.digest() if teacher is not None else None,
         "extra_loss": _callable_name(extra_loss),
         "feature_layers": list(feature_layers) if feature_layers else None,
     }
     if teacher is not None:
-        fingerprint |= {"kd_weight": kd_weight, "kd_temperature": kd_temperature}
-    if mode == "off":  # (logits distillation is identified by the teacher and kd keys, as before)
-        fingerprint |= {"distill": mode, "off_weight": opts["off_weight"], "off_layers": layers}
+        fingerprint |= {"kd_weight": opts["kd_weight"], "kd_temperature": hyper["kd_temperature"]}
+    if opts["mode"] == "off":  # (logits distillation is identified by the teacher and kd keys, as before)
+        fingerprint |= {"distill": opts["mode"], "off_weight": opts["off_weight"], "off_layers": layers}
     if opts["binary"] is not None:
         fingerprint["binary_weights"] = list(opts["binary"])
-    distill_info = {"mode": mode, "teacher": fingerprint["teacher"],
-                    "kd_weight": kd_weight if mode != "none" else None,
-                    "kd_temperature": kd_temperature if mode != "none" else None,
-                    "off_weight": opts["off_weight"] if mode == "off" else None, "off_layers": layers,
-                    "binary_weights": list(opts["binary"]) if opts["binary"] is not None else None}
+    return fingerprint
 
+
+def _distill_info(opts: dict, layers: list[str] | None, teacher_digest: str | None, kd_temperature: float) -> dict:
+    """The report's ``distill`` entry."""
+    mode, on = opts["mode"], opts["mode"] != "none"
+    return {"mode": mode, "teacher": teacher_digest,
+            "kd_weight": opts["kd_weight"] if on else None,
+            "kd_temperature": kd_temperature if on else None,
+            "off_weight": opts["off_weight"] if mode == "off" else None, "off_layers": layers,
+            "binary_weights": list(opts["binary"]) if opts["binary"] is not None else None}
+
+
+def _optimizer(nets: _Nets, lr: float, weight_decay: float, sizes: dict):
+    """AdamW with weight decay on tensors of rank >= 2 only, and its warm-up + cosine LambdaLR."""
+    gm = nets.gm
     decay = [p for p in gm.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in gm.parameters() if p.requires_grad and p.ndim < 2]
     if not decay and not no_decay:
-        raise EdgecError(f"the model ({student.arch}) has no trainable parameters")
+        raise EdgecError(f"the model ({nets.student.arch}) has no trainable parameters")
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
               if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  WarmupCosine(sizes["total_steps"], sizes["warmup_steps"]))
+    return optimizer, scheduler
 
-    taps = None
-    if feature_layers:
-        taps = {"student": FeatureTap(gm, feature_layers, "model")}
-        if tgm is not None:
-            taps["teacher"] = FeatureTap(tgm, feature_layers, "teacher")
 
-    with _private_rng(dev):
-        seed_all(seed + info.rank)
-        history: list[dict] = []
-        best: dict | None = None
-        start_epoch, step, prior_seconds = 0, 0, 0.0
-        if resume:
-            state = load_resume(resume_file, fingerprint)
-            if len(state["rng"]) != info.world_size:
-                raise EdgecError(f"cannot resume from {resume_file}: it holds {len(state['rng'])} process states, "
-                                 f"this run has {info.world_size}")
-            from edgec.models.checkpoint import load_state_dict_strict
+def _feature_taps(nets: _Nets, feature_layers) -> dict | None:
+    """Forward hooks on the ``feature_layers`` of the student (and teacher) for ``extra_loss``."""
+    if not feature_layers:
+        return None
+    taps = {"student": FeatureTap(nets.gm, feature_layers, "model")}
+    if nets.tgm is not None:
+        taps["teacher"] = FeatureTap(nets.tgm, feature_layers, "teacher")
+    return taps
 
-            load_state_dict_strict(gm, state["state_dict"], resume_file)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = list(state["history"])
-            best = dict(state["best"]) if state["best"] else None
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            prior_seconds = float(state.get("train_seconds", 0.0))
-            set_rng_state(state["rng"][info.rank], dev)
-            notes.append(f"resumed after epoch {start_epoch} from {Path(resume_file).name}")
-            was = (state.get("threads"), state.get("device"))
-            if was != (torch.get_num_threads(), dev.type):
-                notes.append(f"the run started with {was[0]} thread(s) on {was[1]} and resumes with "
-                             f"{torch.get_num_threads()} on {dev.type}: it continues correctly but is not "
-                             "bit-identical to an uninterrupted run")
 
-        find_unused = bool(info.distributed and _unused_parameters(gm, val_ds, dev))
-        # DDP wraps the module that training runs (the feature-extraction copy for OFF): it holds the very
-        # same parameters as gm, so gradients are all-reduced exactly as for gm itself.
-        net = D.wrap_ddp(fgm if fgm is not None else gm, info, dev, find_unused)
+def _resume(run: _Run) -> _State:
+    """Restore weights, optimizer, schedule, history, keep-best and this rank's RNG from the resume file."""
+    info, dev, resume_file = run.info, run.dev, run.resume_file
+    saved = load_resume(resume_file, run.fingerprint)
+    if len(saved["rng"]) != info.world_size:
+        raise EdgecError(f"cannot resume from {resume_file}: it holds {len(saved['rng'])} process states, "
+                         f"this run has {info.world_size}")
+    load_state_dict_strict(run.nets.gm, saved["state_dict"], resume_file)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    state = _State(history=list(saved["history"]), best=dict(saved["best"]) if saved["best"] else None,
+                   start_epoch=int(saved["epoch"]), step=int(saved["step"]),
+                   prior_seconds=float(saved.get("train_seconds", 0.0)))
+    set_rng_state(saved["rng"][info.rank], dev)
+    run.notes.append(f"resumed after epoch {state.start_epoch} from {Path(resume_file).name}")
+    was = (saved.get("threads"), saved.get("device"))
+    if was != (torch.get_num_threads(), dev.type):
+        run.notes.append(f"the run started with {was[0]} thread(s) on {was[1]} and resumes with "
+                         f"{torch.get_num_threads()} on {dev.type}: it continues correctly but is not "
+                         "bit-identical to an uninterrupted run")
+    return state
 
-        emit({"event": "start", "epochs": epochs, "start_epoch": start_epoch + 1, "steps_per_epoch": steps_per_epoch,
-              "total_steps": total_steps, "world_size": info.world_size, "batch_size": batch_size,
-              "batch_size_per_process": per_rank, "train_examples": n_train, "val_examples": len(val_ds),
-              "monitor": MONITOR[data.task], "resumed": bool(resume)})
-        epoch = start_epoch
-        last_lr = optimizer.param_groups[0]["lr"] if not history else history[-1]["lr"]
-        try:
-            for epoch in range(start_epoch, epochs):
-                t0 = time.perf_counter()
-                net.train()
-                sums = dict.fromkeys(SUM_KEYS, 0.0) | {f"off:{n}": 0.0 for n in (layers or [])}
-                for i, idx in enumerate(epoch_batches(n_train, epoch, seed, per_rank, info)):
-                    x, y = collate(train_ds, idx)
-                    x, y = _to(x, dev), y.to(dev)
-                    if taps:
-                        for tap in taps.values():
-                            tap.clear()
-                    out = net(*_args(x))
-                    if fgm is not None:
-                        out, sfeat = out
-                    pred = first_output(out)
-                    tpred = None
-                    if tgm is not None:
-                        with torch.no_grad():
-                            if tfgm is not None:
-                                tout, tfeat = tfgm(*_args(x))
-                            else:
-                                tout = tgm(*_args(x))
-                            tpred = first_output(tout)
-                    kd_pred = tpred if (mode == "logits" or kd_weight > 0) else None
-                    loss, parts = combined_loss(pred, y, data.task, kd_pred, kd_weight, kd_temperature)
-                    if fgm is not None:
-                        loff, per_layer = DS.off_loss(dict(zip(layers, sfeat)), dict(zip(layers, tfeat)), layers)
-                        loss = loss + opts["off_weight"] * loff
-                        parts["off"] = loff.detach()
-                        parts |= {f"off:{n}": v for n, v in per_layer.items()}
-                    if binary_fns is not None:
-                        aux_fn, real_mode, _ = binary_fns
-                        aux = aux_fn(gm, lambda2=1.0).to(pred.device)  # mean over binary layers of 1 − cos
-                        with real_mode(gm):
-                            rout = net(*_args(x))
-                        rpred = first_output(rout[0] if fgm is not None else rout)
-                        lreal = task_loss(rpred, y, data.task)
-                        lam1, lam2 = opts["binary"]
-                        loss = loss + lam1 * lreal + lam2 * aux
-                        parts |= {"real": lreal.detach(), "aux": aux.detach()}
-                    if extra_loss is not None:
-                        feats = {k: dict(t.features) for k, t in taps.items()} if taps else {}
-                        feats.setdefault("student", {})
-                        feats.setdefault("teacher", {})
-                        extra = extra_loss(out, (x, y), feats)
-                        loss = loss + extra
-                        parts["extra"] = extra.detach()
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise EdgecError(f"training diverged: the loss is {value} at epoch {epoch + 1} step {i + 1}; "
-                                         f"try a lower lr (now {lr:g}) or gradient clipping")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = None
-                    if grad_clip > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(gm.parameters(), grad_clip))
-                    last_lr = optimizer.param_groups[0]["lr"]
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    bn = len(idx)
-                    sums["loss"] += value * bn
-                    for k, v in parts.items():
-                        sums[k] += float(v) * bn
-                    sums["n"] += bn
-                    emit({"event": "step", "epoch": epoch + 1, "epochs": epochs, "step": i + 1,
-                          "steps": steps_per_epoch, "global_step": step, "loss": value, "lr": last_lr,
-                          "grad_norm": grad_norm})
-                keys = list(sums)
-                totals = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys], info, dev)))
-                D.broadcast_buffers(gm, info)
-                val = evaluate(gm, val_ds, data.task, data.num_classes, batch_size, dev)
-                score, vloss = float(val[MONITOR[data.task]]), float(val["loss"])
-                improved = is_better(score, vloss, best)
-                if improved:
-                    best = {"epoch": epoch + 1, "score": score, "loss": vloss, "metrics": val,
-                            "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in gm.state_dict().items()}}
-                n = max(1.0, totals["n"])
-                row = {"epoch": epoch + 1, "train_loss": totals["loss"] / n, "lr": last_lr, "val": val,
-                       "seconds": time.perf_counter() - t0, "is_best": improved}
-                if tgm is not None or binary_fns is not None:
-                    row["train_task_loss"] = totals["task"] / n
-                if kd_weight > 0 or mode == "logits":
-                    row["train_kd_loss"] = totals["kd"] / n
-                if fgm is not None:
-                    row["train_off_loss"] = totals["off"] / n
-                    row["train_off_layers"] = {name: totals[f"off:{name}"] / n for name in layers}
-                if binary_fns is not None:
-                    row |= {"train_real_loss": totals["real"] / n, "train_binary_aux_loss": totals["aux"] / n}
-                if extra_loss is not None:
-                    row["train_extra_loss"] = totals["extra"] / n
-                history.append(row)
-                rngs = D.gather_objects(rng_state(dev), info)
-                if resume_file is not None and info.is_main:
-                    save_resume(resume_file, {
-                        "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
-                        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in gm.state_dict().items()},
-                        "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "history": history, "rng": rngs,
-                        "train_seconds": prior_seconds + time.perf_counter() - t_start,
-                        "threads": torch.get_num_threads(), "device": dev.type,
-                    })
-                emit({"event": "epoch", "epoch": epoch + 1, "epochs": epochs, "train_loss": row["train_loss"],
-                      "val": val, "lr": last_lr, "seconds": row["seconds"], "is_best": improved,
-                      "best_epoch": best["epoch"], "monitor": MONITOR[data.task]})
-        except KeyboardInterrupt:
-            done = len(history)
-            if resume_file is None:
-                where = "no resume file was configured"
-            elif done:
-                where = (f"the last completed epoch ({done}) is saved in {resume_file}; rerun the same command with "
-                         "--resume to continue")
-            else:
-                where = "no epoch was completed, so there is nothing to resume"
-            raise TrainingInterrupted(f"interrupted during epoch {epoch + 1} of {epochs}; {where}") from None
-        finally:
-            if taps:
-                for tap in taps.values():
-                    tap.remove()
 
+# ------------------------------------------------------------------------------------------------ training
+def _train(run: _Run, state: _State) -> None:
+    """Wrap for DDP, then train the remaining epochs; Ctrl-C becomes TrainingInterrupted."""
+    nets, info, sizes, hyper = run.nets, run.info, run.sizes, run.hyper
+    find_unused = bool(info.distributed and _unused_parameters(nets.gm, run.val_ds, run.dev))
+    # DDP wraps the module that training runs (the feature-extraction copy for OFF): it holds the very
+    # same parameters as gm, so gradients are all-reduced exactly as for gm itself.
+    nets.net = D.wrap_ddp(nets.fgm if nets.fgm is not None else nets.gm, info, run.dev, find_unused)
+    run.emit({"event": "start", "epochs": hyper["epochs"], "start_epoch": state.start_epoch + 1,
+              "steps_per_epoch": sizes["steps_per_epoch"], "total_steps": sizes["total_steps"],
+              "world_size": info.world_size, "batch_size": hyper["batch_size"],
+              "batch_size_per_process": sizes["per_rank"], "train_examples": sizes["n_train"],
+              "val_examples": len(run.val_ds), "monitor": MONITOR[run.data.task], "resumed": bool(run.resume)})
+    state.epoch = state.start_epoch
+    state.last_lr = run.optimizer.param_groups[0]["lr"] if not state.history else state.history[-1]["lr"]
+    try:
+        for epoch in range(state.start_epoch, hyper["epochs"]):
+            state.epoch = epoch
+            t0 = time.perf_counter()
+            sums = _train_epoch(run, state, epoch)
+            _end_epoch(run, state, epoch, sums, t0)
+    except KeyboardInterrupt:
+        raise _interrupted(run, state) from None
+    finally:
+        if nets.taps:
+            for tap in nets.taps.values():
+                tap.remove()
+
+
+def _train_epoch(run: _Run, state: _State, epoch: int) -> dict:
+    """One epoch of training steps; returns this rank's example-weighted sums of the loss and its parts."""
+    nets, sizes = run.nets, run.sizes
+    nets.net.train()
+    sums = dict.fromkeys(SUM_KEYS, 0.0) | {f"off:{n}": 0.0 for n in (nets.layers or [])}
+    for i, idx in enumerate(epoch_batches(sizes["n_train"], epoch, run.hyper["seed"], sizes["per_rank"], run.info)):
+        x, y = collate(run.train_ds, idx)
+        x, y = _to(x, run.dev), y.to(run.dev)
+        loss, parts = _loss(run, x, y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise EdgecError(f"training diverged: the loss is {value} at epoch {epoch + 1} step {i + 1}; "
+                             f"try a lower lr (now {run.hyper['lr']:g}) or gradient clipping")
+        grad_norm = _optimizer_step(run, state, loss)
+        bn = len(idx)
+        sums["loss"] += value * bn
+        for k, v in parts.items():
+            sums[k] += float(v) * bn
+        sums["n"] += bn
+        run.emit({"event": "step", "epoch": epoch + 1, "epochs": run.hyper["epochs"], "step": i + 1,
+                  "steps": sizes["steps_per_epoch"], "global_step": state.step, "loss": value,
+                  "lr": state.last_lr, "grad_norm": grad_norm})
+    return sums
+
+
+def _loss(run: _Run, x, y) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch and its parts: task (+ logits KD) (+ OFF) (+ binary) (+ extra)."""
+    nets = run.nets
+    if nets.taps:
+        for tap in nets.taps.values():
+            tap.clear()
+    out = nets.net(*_args(x))
+    sfeat = None
+    if nets.fgm is not None:
+        out, sfeat = out
+    pred = first_output(out)
+    tpred, tfeat = _teacher_forward(nets, x)
+    kd_pred = tpred if (run.mode == "logits" or run.kd_weight > 0) else None
+    loss, parts = combined_loss(pred, y, run.data.task, kd_pred, run.kd_weight, run.hyper["kd_temperature"])
+    if nets.fgm is not None:
+        loff, per_layer = DS.off_loss(dict(zip(nets.layers, sfeat)), dict(zip(nets.layers, tfeat)), nets.layers)
+        loss = loss + run.opts["off_weight"] * loff
+        parts["off"] = loff.detach()
+        parts |= {f"off:{n}": v for n, v in per_layer.items()}
+    if nets.binary:
+        loss = _add_binary_terms(run, loss, parts, pred, x, y)
+    if run.extra_loss is not None:
+        feats = {k: dict(t.features) for k, t in nets.taps.items()} if nets.taps else {}
+        feats.setdefault("student", {})
+        feats.setdefault("teacher", {})
+        extra = run.extra_loss(out, (x, y), feats)
+        loss = loss + extra
+        parts["extra"] = extra.detach()
+    return loss, parts
+
+
+def _teacher_forward(nets: _Nets, x) -> tuple[torch.Tensor | None, tuple | None]:
+    """The frozen teacher's predictions (and OFF features) for a batch; ``(None, None)`` without a teacher."""
+    if nets.tgm is None:
+        return None, None
+    tfeat = None
+    with torch.no_grad():
+        if nets.tfgm is not None:
+            tout, tfeat = nets.tfgm(*_args(x))
+        else:
+            tout = nets.tgm(*_args(x))
+        tpred = first_output(tout)
+    return tpred, tfeat
+
+
+def _add_binary_terms(run: _Run, loss: torch.Tensor, parts: dict, pred: torch.Tensor, x, y) -> torch.Tensor:
+    """``loss + λ1·task(real network) + λ2·mean(1 − cos(y_b, y_r))``; the cosine term reads the binary layers'
+    outputs of the forward just run, so it is taken before the real-mode forward."""
+    nets = run.nets
+    aux = binary_aux_loss(nets.gm, lambda2=1.0).to(pred.device)  # mean over binary layers of 1 − cos
+    with real_mode(nets.gm):
+        rout = nets.net(*_args(x))
+    rpred = first_output(rout[0] if nets.fgm is not None else rout)
+    lreal = task_loss(rpred, y, run.data.task)
+    lam1, lam2 = run.opts["binary"]
+    loss = loss + lam1 * lreal + lam2 * aux
+    parts |= {"real": lreal.detach(), "aux": aux.detach()}
+    return loss
+
+
+def _optimizer_step(run: _Run, state: _State, loss: torch.Tensor) -> float | None:
+    """Backward, clip, AdamW and schedule step; returns the gradient norm before clipping (None: no clip)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if run.hyper["grad_clip"] > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.nets.gm.parameters(), run.hyper["grad_clip"]))
+    state.last_lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    state.step += 1
+    return grad_norm
+
+
+# ------------------------------------------------------------------------------------------------ epoch end
+def _end_epoch(run: _Run, state: _State, epoch: int, sums: dict, t0: float) -> None:
+    """Sum over ranks, validate, keep the best, append the history row, write the resume file, emit."""
+    info, gm = run.info, run.nets.gm
+    keys = list(sums)
+    totals = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys], info, run.dev)))
+    D.broadcast_buffers(gm, info)
+    val = evaluate(gm, run.val_ds, run.data.task, run.data.num_classes, run.hyper["batch_size"], run.dev)
+    score, vloss = float(val[MONITOR[run.data.task]]), float(val["loss"])
+    improved = is_better(score, vloss, state.best)
+    if improved:
+        state.best = {"epoch": epoch + 1, "score": score, "loss": vloss, "metrics": val,
+                      "state_dict": _cpu_state_dict(gm)}
+    row = _history_row(run, epoch, totals, val, time.perf_counter() - t0, improved, state.last_lr)
+    state.history.append(row)
+    rngs = D.gather_objects(rng_state(run.dev), info)
+    if run.resume_file is not None and info.is_main:
+        _save_resume(run, state, epoch, rngs)
+    run.emit({"event": "epoch", "epoch": epoch + 1, "epochs": run.hyper["epochs"], "train_loss": row["train_loss"],
+              "val": val, "lr": state.last_lr, "seconds": row["seconds"], "is_best": improved,
+              "best_epoch": state.best["epoch"], "monitor": MONITOR[run.data.task]})
+
+
+def _cpu_state_dict(gm: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in gm.state_dict().items()}
+
+
+def _history_row(run: _Run, epoch: int, totals: dict, val: dict, seconds: float, improved: bool,
+                 last_lr: float) -> dict:
+    """One epoch of the report's history: mean train loss (and the parts this run has), lr, val metrics."""
+    nets = run.nets
+    n = max(1.0, totals["n"])
+    row = {"epoch": epoch + 1, "train_loss": totals["loss"] / n, "lr": last_lr, "val": val,
+           "seconds": seconds, "is_best": improved}
+    if nets.tgm is not None or nets.binary:
+        row["train_task_loss"] = totals["task"] / n
+    if run.kd_weight > 0 or run.mode == "logits":
+        row["train_kd_loss"] = totals["kd"] / n
+    if nets.fgm is not None:
+        row["train_off_loss"] = totals["off"] / n
+        row["train_off_layers"] = {name: totals[f"off:{name}"] / n for name in nets.layers}
+    if nets.binary:
+        row |= {"train_real_loss": totals["real"] / n, "train_binary_aux_loss": totals["aux"] / n}
+    if run.extra_loss is not None:
+        row["train_extra_loss"] = totals["extra"] / n
+    return row
+
+
+def _save_resume(run: _Run, state: _State, epoch: int, rngs: list) -> None:
+    save_resume(run.resume_file, {
+        "fingerprint": run.fingerprint, "epoch": epoch + 1, "step": state.step,
+        "state_dict": _cpu_state_dict(run.nets.gm),
+        "best": state.best, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "history": state.history, "rng": rngs,
+        "train_seconds": state.prior_seconds + time.perf_counter() - run.t_start,
+        "threads": torch.get_num_threads(), "device": run.dev.type,
+    })
+
+
+def _interrupted(run: _Run, state: _State) -> TrainingInterrupted:
+    done = len(state.history)
+    if run.resume_file is None:
+        where = "no resume file was configured"
+    elif done:
+        where = (f"the last completed epoch ({done}) is saved in {run.resume_file}; rerun the same command with "
+                 "--resume to continue")
+    else:
+        where = "no epoch was completed, so there is nothing to resume"
+    return TrainingInterrupted(f"interrupted during epoch {state.epoch + 1} of {run.hyper['epochs']}; {where}")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _report(run: _Run, state: _State) -> tuple[Model, dict]:
+    """Load the best epoch's weights into the student (eval mode, CPU); the report; the ``end`` event."""
+    best, sizes, gm = state.best, run.sizes, run.nets.gm
     assert best is not None
     gm.load_state_dict(best["state_dict"])
+    student = run.nets.student
     student.gm = gm.to("cpu").eval()
-    seconds = prior_seconds + time.perf_counter() - t_start
+    seconds = state.prior_seconds + time.perf_counter() - run.t_start
     report = {
-        "epochs": epochs, "best_epoch": best["epoch"], "best": best["metrics"], "monitor": MONITOR[data.task],
-        "history": history, "steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "final_lr": last_lr, "seconds": seconds, "world_size": info.world_size, "batch_size": batch_size,
-        "batch_size_per_process": per_rank, "train_examples": n_train, "val_examples": len(val_ds),
-        "resumed_from": start_epoch if resume else None, "device": str(dev), "warmup_steps": warmup_steps,
-        "fingerprint": fingerprint, "notes": notes, "rank": info.rank, "distill": distill_info,
+        "epochs": run.hyper["epochs"], "best_epoch": best["epoch"], "best": best["metrics"],
+        "monitor": MONITOR[run.data.task], "history": state.history, "steps": state.step,
+        "total_steps": sizes["total_steps"], "steps_per_epoch": sizes["steps_per_epoch"],
+        "final_lr": state.last_lr, "seconds": seconds, "world_size": run.info.world_size,
+        "batch_size": run.hyper["batch_size"], "batch_size_per_process": sizes["per_rank"],
+        "train_examples": sizes["n_train"], "val_examples": len(run.val_ds),
+        "resumed_from": state.start_epoch if run.resume else None, "device": str(run.dev),
+        "warmup_steps": sizes["warmup_steps"], "fingerprint": run.fingerprint, "notes": run.notes,
+        "rank": run.info.rank, "distill": run.distill_info,
     }
-    emit({"event": "end", "best_epoch": best["epoch"], "best": best["metrics"], "seconds": seconds,
-          "steps": step})
+    run.emit({"event": "end", "best_epoch": best["epoch"], "best": best["metrics"], "seconds": seconds,
+              "steps": state.step})
     return student, report

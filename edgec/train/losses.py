@@ -1,17 +1,6 @@
-"""Training losses: the task loss, logits distillation, and feature taps for feature distillation.
-
-* :func:`task_loss` — cross-entropy (classification) or mean squared error (regression).
-* :func:`kd_loss` — logits distillation (Hinton et al. 2015):
-  ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch-mean; for regression it is the MSE between the
-  student's and the teacher's predictions (no temperature). :func:`combined_loss` mixes it with the task
-  loss as ``(1 − w)·task + w·kd``.
-* :class:`FeatureTap` captures the outputs of named leaf modules with forward hooks during a forward pass,
-  so an ``extra_loss`` can compare hidden features of the student and the teacher (e.g. OFF, TernaryLLM's
-  cosine feature distillation: ``mean(1 − cos(h_s, h_t))``). Note that in a traced ``fx.GraphModule``
-  only LEAF modules (``call_module`` nodes: Linear, norms, scaffolds, ...) are called; container modules
-  such as a whole encoder block are inlined into the graph and never run. :class:`FeatureTap` refuses
-  names that are not called; for block outputs (a residual block ends with an ``add``, not a leaf) use
-  ``distill="off"``, which reads them from the graph (:mod:`edgec.train.distill`).
+"""Training losses: the task loss (cross-entropy / MSE), logits distillation (Hinton et al. 2015, see
+docs/methods.md#logits-distillation) and :class:`FeatureTap`, which records leaf-module outputs for an
+``extra_loss``.
 """
 from __future__ import annotations
 
@@ -74,7 +63,8 @@ class FeatureTap:
 
     ``tap.features`` maps module name -> output tensor of the latest forward (still attached to the
     autograd graph, so a loss on it trains the student). Call :meth:`clear` before each forward and
-    :meth:`remove` when done.
+    :meth:`remove` when done. In a traced graph only leaf modules run (containers are inlined), so names
+    that are not called are refused; for block outputs use ``distill="off"``.
     """
 
     def __init__(self, module: torch.nn.Module, patterns: list[str] | tuple[str, ...], role: str = "model"):

@@ -1,29 +1,6 @@
-"""The resume file: everything needed to continue a fine-tuning run exactly where it stopped.
-
-Written after every completed epoch by rank 0 (``torch.save`` to memory, then
-:func:`edgec.models.checkpoint.atomic_write`: an interrupted write leaves the previous file intact) and read
-with ``torch.load(weights_only=True)``. It holds only tensors and plain containers::
-
-    {"format": "edgec.resume/1",
-     "fingerprint": {...},          # model digest at start, data digest, hyper-parameters, world size
-     "epoch": int,                  # completed epochs
-     "step": int,                   # optimizer steps taken
-     "state_dict": {name: Tensor},  # current weights (and buffers)
-     "best": {"epoch", "score", "loss", "metrics", "state_dict"},
-     "optimizer": AdamW state_dict, "scheduler": LambdaLR state_dict,
-     "history": [per-epoch dicts],
-     "rng": [per rank: {"torch": uint8 Tensor, "cuda": uint8 Tensor | None,
-                        "python": random.getstate() tuple, "numpy": {"key": int64 Tensor, "pos", "has_gauss", "gauss"}}],
-     "train_seconds": float, "threads": int, "device": "cpu" | "cuda", "torch": torch version}
-
-Bit-identical continuation also needs the same torch build, device type and intra-op thread count
-(``torch.get_num_threads()``; reductions are blocked per thread). Those are recorded but not refused:
-a resume with other threads continues correctly and says so in the report's notes.
-
-The training state lives here, not in the model checkpoint: the output of ``finetune`` is an ordinary
-edgec checkpoint. A resume is accepted only when the fingerprint matches the new run exactly; any
-difference (another model or data, other hyper-parameters, another world size) is refused, because the
-continued run would then not be the run that was started.
+"""The resume file: everything a fine-tuning run needs to continue exactly where it stopped (weights,
+optimizer, schedule, history, keep-best, every rank's RNG). Written atomically after each epoch; accepted
+only when its fingerprint matches the new run. Format and exactness: docs/architecture.md#checkpoints.
 """
 from __future__ import annotations
 
@@ -33,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.core.fileio import atomic_write, read_data, serialize
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import atomic_write, read_data, serialize
 
 FORMAT = "edgec.resume/1"
 REQUIRED = ("fingerprint", "epoch", "step", "state_dict", "best", "optimizer", "scheduler", "history", "rng")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 
@@ -47,8 +46,8 @@ def test_finetune_learns_and_beats_chance_on_held_out_speakers(trained, speech):
 
 
 def test_fold_restores_base_architecture_and_eval_agrees_on_pt_and_onnx(trained, speech):
-    from edgec.models.checkpoint import load_checkpoint
     from edgec.core.pass_manager import PassManager
+    from edgec.models.checkpoint import load_checkpoint
     from edgec.passes.bnfold import FoldBatchNorm
 
     d, _ = trained

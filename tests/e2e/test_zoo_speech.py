@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.models import build, full_config
 from edgec.core.spec import Dim, InputSpec
+from edgec.models import build, full_config
 
 ort = pytest.importorskip("onnxruntime")
 

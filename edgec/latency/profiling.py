@@ -1,78 +1,29 @@
 """Per-unit latency profiling in onnxruntime: the measurements behind ``edgec profile`` and latency tables.
 
-A *prunable unit* is a set of channels pruned together, described by :class:`Unit`:
-
-* ``layers`` — producers: Linear / Conv1d / Conv2d modules whose **output** channels are the unit's channels
-  (several for a coupled group: Q/K/V of attention heads, both halves of a GLU, every conv writing a residual);
-* ``consumers`` — modules whose **input** channels are the unit's channels (FFN ``linear2``, ``out_proj``, the
-  conv after a pruned conv);
-* ``per_channel`` — modules in between whose input *and* output shrink (depthwise convs; BatchNorm is listed
-  but not timed: it folds away);
-* ``width`` — the number of prunable units (channels, hidden units, heads). At density ``s`` the unit keeps
-  ``k = round(width·s)`` (at least 1) and every producer/consumer dimension shrinks by the same fraction
-  ``k / width`` (a GLU producer with ``2·width`` outputs keeps ``2k``; Q/K/V of ``width`` heads keep
-  ``k·head_dim`` rows). A depthwise conv shrinks its input, output and group count together.
-
-``units``: None or "layers" — every Linear/Conv1d/Conv2d layer is its own unit (producer only): the generic
-default; "groups" — the prunable groups of ``edgec.analysis.groups.find_groups`` (producers, consumers,
-per-channel layers, ``size`` units); or a list of units in any form :func:`as_unit` reads (a ``Group``
-included). Listed modules that are not Linear/Conv1d/Conv2d or never run (Embedding, BatchNorm, Conv3d) are
-recorded as ``untimed``; a name that is no module at all is an error.
-
-How a unit is timed (the faithful-and-simple choice): one small ONNX graph holds every producer and
-consumer of the unit as an *independent* op (MatMul+Add for a Linear on (..., in) as the exporter writes it,
-Gemm for a 2-D Linear, Conv for Conv1d/2d, with the input shape each layer sees in the traced model at the
-requested input shapes), each fed its own random input with the shrunk channel count, and the graph is run
-with :func:`edgec.onnx.session.measure_session` (warm-up, median). Independent ops rather than a chain
-because producer and consumer are usually separated by reshapes/GLU/attention whose shapes would have to be
-rebuilt; the ops inside them are in the remainder. The fixed cost of one ``session.run`` (about 5 µs on the
-development machine, recorded as ``run_overhead_ms``) is in every unit's numbers at every density, so it
-cancels in differences; the remainder absorbs the extra copies (it is lower by (units − 1) × overhead).
-
-Known gaps (measured on the zoo, see the closing note of the ALCS issue): element-wise work on the pruned
-channels between producer and consumer (activations, GLU, unfused BatchNorm) shrinks in the real model but
-sits in the remainder, so savings are slightly underestimated; an isolated op runs with its weights hot in
-cache and without ORT's Conv+BN+activation fusions; a conv's ``padding_mode`` other than zeros is timed as
-zero padding.
-
-Patterns: ``"channel"`` shrinks the layers physically; ``"simd:N"`` keeps shapes and runs each eligible
-producer (Linear, or 1×1 stride-1 unpadded ungrouped conv) through the gathered-blocks path of
-:mod:`edgec.latency.simd` with a balanced random vector mask of that density (consumers and other layers
-stay dense; a unit with no eligible producer has no ``simd`` entry). At density 1.0 every pattern is the
-dense graph (an unpruned layer is exported dense), measured once and shared.
-
-Calibration: the whole dense model (``edgec.onnx.export.to_onnx``) is timed too; ``remainder = dense −
-Σ_units t_u(1.0)`` is everything not in a unit (norms, attention matmuls, activations, run overhead). When
-units share a layer (a conv that consumes one group and produces another) that layer is counted in both,
-and the remainder goes down (it may be negative); differences stay exact for one unit at a time. Pruning
-both units shrinks such a layer in *both* dimensions: its cost ``ℓ(a, b)`` (kept fractions ``a`` of its
-outputs, ``b`` of its inputs) is roughly separable, ``ℓ(a, b) ≈ ℓ(a, 1)·ℓ(1, b) / ℓ(1, 1)``, while the
-additive sum gives ``ℓ(a, 1) + ℓ(1, b) − ℓ(1, 1)`` — far too low (negative even) when both are pruned hard,
-as in ResNet where every conv links two groups. The difference is ``Δ_out(a)·Δ_in(b) / ℓ(1, 1)`` with
-``Δ`` the layer's saving from one side alone. So each such *shared layer* is also timed alone (dense,
-outputs at 0.5, inputs at 0.5), giving linear savings ``Δ_out(a) ≈ c_out·(1 − a)``, ``Δ_in(b) ≈ c_in·(1 − b)``
-(MLAS's convs are often far from symmetric: shrinking 16 output channels may save nothing while shrinking
-inputs saves linearly), and ``slope = c_out·c_in / (ℓ(1, 1) − run overhead)`` is stored under
-``interactions``; the latency model adds ``slope·(1 − a)(1 − b)`` per shared layer — zero whenever one of the
-two units stays dense, so every single-unit curve is still reproduced exactly.
-
-Noise: units are measured in ``rounds``; each round times every density of the unit (alternating order), and
-the table keeps the median over rounds of each statistic. The dense model is timed before and after the
-units; both runs are recorded so drift is visible.
+Each prunable :class:`~edgec.latency.units.Unit` is timed as one small ONNX graph of its layers at a grid of
+densities and patterns (``channel``, ``simd:N``); the dense model is timed too (the remainder), and a layer
+shrunk by two units gets an interaction slope. Measuring beats guessing: MLAS's speed is not proportional
+to FLOPs. Timing graph, calibration, known gaps: see docs/methods.md#latency-tables.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
+from edgec.analysis.groups import find_groups
 from edgec.core.errors import EdgecError
 from edgec.latency import simd as simd_mod
 from edgec.latency import table as table_mod
 from edgec.latency.shapes import make_inputs, resolve_shapes
 from edgec.latency.units import Unit, as_unit
+from edgec.onnx.export import to_onnx
 from edgec.onnx.session import create_session, measure_session
 
 DEFAULT_DENSITIES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
@@ -86,8 +37,6 @@ OPSET = 20
 
 def group_units(model) -> list[Unit]:
     """The prunable coupled-channel groups of ``model`` (``edgec.analysis.groups``) as units."""
-    from edgec.analysis.groups import find_groups
-
     return [as_unit(g) for g in find_groups(model) if g.prunable]
 
 
@@ -153,8 +102,6 @@ class LayerInfo:
 
 
 def _layer_kind(module) -> str | None:
-    from torch import nn
-
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv1d):
@@ -168,9 +115,6 @@ def trace_layers(model, shapes: dict) -> dict[str, LayerInfo]:
     """Every Linear/Conv1d/Conv2d call in the traced graph with the input/output shape it sees when the model
     runs (eval mode) on inputs of ``shapes`` — a shape propagation over the fx graph that does not write
     node metadata. Returns ``{module name: LayerInfo}`` in graph order."""
-    import torch
-    import torch.fx as fx
-
     spec = model.spec
     feed = make_inputs(spec, shapes)
     args = [torch.from_numpy(feed[t.name]) for t in spec.inputs]
@@ -234,8 +178,6 @@ def _conv_pads(module, spatial_rank: int) -> list[int]:
 def _layer_nodes(info: LayerInfo, call: int, prefix: str, *, out_frac: float = 1.0, in_frac: float = 1.0,
                  simd: tuple[int, float] | None = None, rng=None):
     """Nodes for one layer call with shrunk widths (or the SIMD path); returns (nodes, inits, x_vi, y_vi, x)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = rng if rng is not None else np.random.default_rng(0)
     in_shape = list(info.in_shapes[call])
     c_in, c_out, g = info.in_channels, info.out_channels, info.groups
@@ -310,9 +252,6 @@ def unit_onnx(unit: Unit, layers: dict[str, LayerInfo], frac: float = 1.0, simd:
     """The timing graph of ``unit``: producers with ``frac`` of their outputs and consumers with ``frac`` of
     their inputs (channel pattern), or producers through the SIMD path at ``simd = (N, density)``.
     Returns ``(ModelProto, feed)``."""
-    import onnx
-    from onnx import helper
-
     rng = np.random.default_rng(seed)
     nodes, inits, ins, outs, feed = [], [], [], [], {}
     for i, (name, role) in enumerate(_roles(unit, layers)):
@@ -396,9 +335,8 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
             dense_onnx=None, progress=None) -> dict:
     """Measure a latency table (format: :mod:`edgec.latency.table`) for ``model`` (an ``edgec.core.graph.Model``).
 
-    ``units``: None / "layers" (each Linear/Conv layer alone), "groups", or a list (see :func:`as_unit` and the
-    module docstring). ``densities``: the
-    grid (1.0 is always added). ``shapes``/``batch``: input shapes (see :func:`resolve_shapes`).
+    ``units``: None / "layers" (each Linear/Conv layer alone), "groups", or a list (see :func:`as_unit` and
+    docs/methods.md#latency-tables). ``densities``: the grid (1.0 is always added). ``shapes``/``batch``: input shapes (see :func:`resolve_shapes`).
     ``patterns``: "channel" and/or "simd:N". ``warmup``/``repeats``/``min_seconds``: per configuration and
     round (:func:`measure_session`); ``rounds``: repetitions of each unit's sweep, medians kept.
     ``dense_onnx``: the model's ONNX (bytes/proto/path) if already exported, else ``to_onnx(model)``.
@@ -416,8 +354,6 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
     feed = make_inputs(model.spec, shapes, seed)
 
     if dense_onnx is None:
-        from edgec.onnx.export import to_onnx
-
         say("exporting the dense model")
         dense_onnx = to_onnx(model)
     dense_session = create_session(dense_onnx, threads)
@@ -538,8 +474,6 @@ def shared_layers(units: list[Unit], layers: dict) -> list[tuple[str, str, str]]
 
 def _run_overhead(threads, warmup, repeats, min_seconds) -> float:
     """Median time of ``session.run`` on a trivial graph (1-element Identity): the fixed cost in every unit."""
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])

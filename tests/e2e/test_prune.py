@@ -11,15 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.core.errors import EdgecError
-from edgec.latency import model as lat
-from edgec.latency import profile as prof
-from edgec.latency import simd as simd_mod
-from edgec.latency import cache
-from edgec.latency import table as tab
-from edgec.prune import alcs
 from edgec.analysis.groups import analyse
+from edgec.core.errors import EdgecError
+from edgec.core.options import PruneOptions
+from edgec.latency import cache
+from edgec.latency import model as lat
+from edgec.latency import profiling as prof
+from edgec.latency import shapes as shapes_mod
+from edgec.latency import simd as simd_mod
+from edgec.latency import table as tab
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.prune import alcs
 from edgec.prune.run import measure, prune_file, simd_report
 
 # --- a tiny model and synthetic tables ---------------------------------------------------------------
@@ -60,7 +62,7 @@ def synthetic_table(model, grid=(1.0, 0.75, 0.5, 0.25), simd=None, per_unit=None
     """A table whose units are the model's prunable groups; ``per_unit[name](density) -> ms`` (default: linear
     with a slope that differs per unit); ``simd = (pattern, factor)`` adds a SIMD curve ``factor x channel``
     for units with an eligible producer."""
-    shapes = prof.resolve_shapes(model.spec)
+    shapes = shapes_mod.resolve_shapes(model.spec)
     units = prof.group_units(model)
     modules = dict(model.gm.named_modules())
     entries = []
@@ -151,7 +153,7 @@ def test_min_density_floor_is_respected():
 
 def test_a_table_of_other_units_is_refused():
     model = tiny_model()
-    shapes = prof.resolve_shapes(model.spec)
+    shapes = shapes_mod.resolve_shapes(model.spec)
     table = synthetic_table(model)
     table["units"][0]["name"] = "l1_renamed"
     with pytest.raises(EdgecError, match="channel groups"):
@@ -266,12 +268,12 @@ def resnet_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_shot(resnet_ckpt):
     out = resnet_ckpt.with_name("resnet-pruned.pt")
-    return prune_file(resnet_ckpt, out, **E2E), out
+    return prune_file(resnet_ckpt, out, PruneOptions(**E2E)).to_dict(), out
 
 
 def _feed(model, batch=1):
-    shapes = prof.resolve_shapes(model.spec, None, batch)
-    return prof.make_inputs(model.spec, shapes, seed=0)
+    shapes = shapes_mod.resolve_shapes(model.spec, None, batch)
+    return shapes_mod.make_inputs(model.spec, shapes, seed=0)
 
 
 def test_prune_meets_a_feasible_budget_as_measured(one_shot):
@@ -320,8 +322,8 @@ def test_prune_with_admm_on_a_tiny_dataset(resnet_ckpt, tmp_path):
     x[:, 0, :4, :] += y[:, None, None].float() / 5
     torch.save({"inputs": x, "targets": y}, tmp_path / "tiny.pt")
     out = tmp_path / "admm.pt"
-    result = prune_file(resnet_ckpt, out, data=str(tmp_path / "tiny.pt"), admm_epochs=2, finetune_epochs=1,
-                        batch_size=16, **E2E)
+    result = prune_file(resnet_ckpt, out, PruneOptions(data=str(tmp_path / "tiny.pt"), admm_epochs=2,
+                                                       finetune_epochs=1, batch_size=16, **E2E)).to_dict()
     assert result["mode"] == "admm" and result["measured_ms"] <= result["local_budget_ms"]
     assert len(result["admm"]["rounds"]) == 2
     model = load_checkpoint(out)
@@ -338,7 +340,7 @@ def test_infeasible_budget_is_refused_before_any_work(resnet_ckpt, tmp_path, mon
     monkeypatch.setattr(alcs_mod, "allocate", boom)
     out = tmp_path / "never.pt"
     with pytest.raises(EdgecError) as exc:
-        prune_file(resnet_ckpt, out, latency_ms=1e-4, densities=GRID)
+        prune_file(resnet_ckpt, out, PruneOptions(latency_ms=1e-4, densities=GRID))
     assert exc.value.exit_code == alcs.EXIT_INFEASIBLE == 4
     assert "infeasible" in str(exc.value) and "ms" in str(exc.value)
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -360,7 +362,7 @@ def test_budget_missed_after_retries_writes_nothing(resnet_ckpt, tmp_path, monke
     monkeypatch.setattr(run_mod, "measure", slow)
     out = tmp_path / "missed.pt"
     with pytest.raises(EdgecError) as exc:
-        prune_file(resnet_ckpt, out, latency_ratio=0.8, max_retries=1, densities=GRID)
+        prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.8, max_retries=1, densities=GRID))
     assert exc.value.exit_code == alcs.EXIT_BUDGET_MISSED == 5
     assert "best pruned model measured" in str(exc.value)
     assert len(calls) == 3  # dense + two attempts
@@ -369,11 +371,11 @@ def test_budget_missed_after_retries_writes_nothing(resnet_ckpt, tmp_path, monke
 
 def test_bad_arguments_are_one_line_errors(resnet_ckpt, tmp_path):
     with pytest.raises(EdgecError, match="exactly one"):
-        prune_file(resnet_ckpt, tmp_path / "x.pt")
+        prune_file(resnet_ckpt, tmp_path / "x.pt", PruneOptions())
     with pytest.raises(EdgecError, match="latency-ratio"):
-        prune_file(resnet_ckpt, tmp_path / "x.pt", latency_ratio=1.5)
+        prune_file(resnet_ckpt, tmp_path / "x.pt", PruneOptions(latency_ratio=1.5))
     with pytest.raises(EdgecError, match="pattern"):
-        prune_file(resnet_ckpt, tmp_path / "x.pt", latency_ms=1.0, pattern="blocks")
+        prune_file(resnet_ckpt, tmp_path / "x.pt", PruneOptions(latency_ms=1.0, pattern="blocks"))
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -399,8 +401,8 @@ def test_a_table_from_another_device_sets_the_budget_in_its_milliseconds(one_sho
     device["remainder_ms"] *= 3
     tab.save_table(device, tmp_path / "device.json")
     budget = 0.8 * device["dense"]["median_ms"]
-    result = prune_file(resnet_ckpt, tmp_path / "dev.pt", latency_ms=budget, table=tmp_path / "device.json",
-                        margin=0.05)
+    result = prune_file(resnet_ckpt, tmp_path / "dev.pt",
+                        PruneOptions(latency_ms=budget, table=tmp_path / "device.json", margin=0.05)).to_dict()
     assert result["table_foreign"] and any("measured elsewhere" in n for n in result["notes"])
     assert result["budget_ms"] == pytest.approx(budget)
     # the check here is the same relative budget: 0.8 x the dense latency measured here

@@ -5,7 +5,6 @@ import sys
 
 import onnx
 import pytest
-
 from conftest import ROOT, run_cli
 
 

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.checkpoint import new_model
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, set_submodule, trace
+from edgec.core.spec import Dim, InputSpec, TensorSpec
 from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear, lowbit_layers, lowbit_like
+from edgec.models.checkpoint import new_model
 from edgec.onnx import int2 as lb
 from edgec.onnx.export import PROVENANCE_KEY, export, ort_session, read_provenance
-from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 STRICT = lb.STRICT_SESSION_CONFIG
 

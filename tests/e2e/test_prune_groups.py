@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 import edgec.core.pass_manager
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.analysis.groups import analyse, describe_groups, find_groups, importance, keep_from_counts, zero_channels
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, max_error, trace, verify_equivalent
 from edgec.core.pass_manager import PassManager
+from edgec.core.spec import Dim, InputSpec, TensorSpec
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.onnx.export import export
 from edgec.passes.prune_channels import PruneChannels
-from edgec.analysis.groups import analyse, describe_groups, find_groups, importance, keep_from_counts, zero_channels
-from edgec.core.spec import Dim, InputSpec, TensorSpec
 
 # small configs keep the ONNX exports (~5 s each) inside the test budget; structure is the zoo's
 ZOO = {

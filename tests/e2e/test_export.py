@@ -4,12 +4,12 @@ import json
 import onnx
 import pytest
 import torch
-
 from conftest import run_cli
+
 from edgec import models
-from edgec.models.checkpoint import new_model
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Scaffold
+from edgec.models.checkpoint import new_model
 from edgec.onnx.export import PROVENANCE_KEY, export, ort_session
 
 

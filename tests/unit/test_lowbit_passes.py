@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, trace
-from edgec.layers.lowbit import LowBitConv2d, LowBitLinear, expand_groups, lowbit_layers
 from edgec.core.pass_manager import PassManager, PreconditionError
-from edgec.passes.binary import (BinaryLayer, BinaryScaffold, FoldBinary, binary_aux_loss, binary_latent_weights,
-                                 real_mode)
-from edgec.passes.dlt import DLTLayer, DLTScaffold, FoldDLT
-from edgec.passes.sttn import FoldSTTN, STTNLayer, STTNScaffold
 from edgec.core.spec import Dim, InputSpec, TensorSpec
+from edgec.layers.binary import BinaryLayer, binary_aux_loss, binary_latent_weights, real_mode
+from edgec.layers.lowbit import LowBitConv2d, LowBitLinear, expand_groups, lowbit_layers
+from edgec.layers.ternary import DLTLayer, STTNLayer
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.passes.binary import BinaryScaffold, FoldBinary
+from edgec.passes.dlt import DLTScaffold, FoldDLT
+from edgec.passes.sttn import FoldSTTN, STTNScaffold
 
 TOL = 1e-5
 SMALL = {

@@ -4,10 +4,10 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import run_cli
-from edgec.models.checkpoint import FORMAT, load_checkpoint, new_model, save_checkpoint
+
 from edgec.core.errors import EdgecError
+from edgec.models.checkpoint import FORMAT, load_checkpoint, new_model, save_checkpoint
 
 
 def test_roundtrip_same_digest_and_outputs(tmp_path):
@@ -49,7 +49,7 @@ def test_digest_covers_weights_config_and_passes():
 def _assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]

@@ -124,8 +124,8 @@ def test_split_falls_back_to_val(resnet_files):
 
 
 def test_regression_metrics(tmp_path):
-    from edgec.models.checkpoint import new_model, save_checkpoint
     from edgec.evaluation import evaluate
+    from edgec.models.checkpoint import new_model, save_checkpoint
 
     model = new_model("resnet", {**SMALL_RESNET, "num_classes": 1}, seed=1)
     save_checkpoint(model, tmp_path / "reg.pt")
@@ -143,10 +143,10 @@ def test_regression_metrics(tmp_path):
 
 
 def test_scaffolded_model_has_metrics_but_no_latency(resnet_files):
-    from edgec.models.checkpoint import load_checkpoint
+    from edgec.core.graph import Scaffold, set_submodule
     from edgec.data import load_data
     from edgec.evaluation import evaluate_model
-    from edgec.core.graph import Scaffold, set_submodule
+    from edgec.models.checkpoint import load_checkpoint
 
     class Wrap(Scaffold):
         kind, folded_by = "test", "fold.test"
@@ -169,8 +169,8 @@ def test_scaffolded_model_has_metrics_but_no_latency(resnet_files):
 
 
 def test_two_input_model_gets_a_mask(tmp_path):
-    from edgec.models.checkpoint import new_model, save_checkpoint
     from edgec.evaluation import evaluate
+    from edgec.models.checkpoint import new_model, save_checkpoint
 
     cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
            "num_labels": 3}

@@ -1,5 +1,6 @@
 """Latency tables, the piecewise-linear latency model, per-unit profiling and the SIMD-structured execution path."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,11 +8,12 @@ import torch
 from torch import nn
 
 from edgec.core.errors import EdgecError
+from edgec.latency import cache, simd
 from edgec.latency import model as lat
-from edgec.latency import profile as prof
-from edgec.latency import simd
-from edgec.latency import cache
+from edgec.latency import profiling as prof
+from edgec.latency import shapes as shapes_mod
 from edgec.latency import table as tab
+from edgec.latency import units as units_mod
 
 # --- a tiny model --------------------------------------------------------------------------------
 
@@ -55,7 +57,7 @@ def tiny():
 
 def synthetic_table(model=None, threads=1, shapes=None, remainder=3.0):
     model = model or tiny_model()
-    shapes = prof.resolve_shapes(model.spec, shapes)
+    shapes = shapes_mod.resolve_shapes(model.spec, shapes)
     units = [
         {"name": "a", "kind": "linear", "width": 64, "layers": ["l1"], "consumers": ["l2"],
          "patterns": {"channel": {"density": [1.0, 0.75, 0.5, 0.25], "kept": [64, 48, 32, 16],
@@ -71,7 +73,7 @@ def synthetic_table(model=None, threads=1, shapes=None, remainder=3.0):
          "dense_ms": 2.0},
     ]
     key = tab.table_key(model, threads, shapes)
-    request = tab.table_request([prof.as_unit(u) for u in units], [1.0, 0.75, 0.5, 0.25], ["channel", "simd:8"])
+    request = tab.table_request([units_mod.as_unit(u) for u in units], [1.0, 0.75, 0.5, 0.25], ["channel", "simd:8"])
     dense = {"median_ms": 10.0 + remainder, "p10_ms": 13.0, "p90_ms": 13.0, "runs_ms": [13.0, 13.0]}
     return tab.make_table(key=key, request=request, model=model, units=units, dense=dense, units_sum=10.0,
                           overhead=0.01, inputs=tab.inputs_json(model.spec, shapes), protocol={"synthetic": True})
@@ -155,12 +157,12 @@ def test_table_json_round_trip_and_cache(tmp_path, monkeypatch):
     assert not cache.cached(tiny_model(hidden=32), threads=1, folder=folder)["_cache"]["hit"]  # other config
     assert len(calls) == 6
     # the file: deterministic JSON without run-time entries; round trip gives the same bytes
-    text = open(path, encoding="utf-8").read()
+    text = Path(path).read_text(encoding="utf-8")
     assert "_cache" not in json.loads(text)
     assert tab.dumps(tab.read_table(path)) == text
     assert list(json.loads(text)) == sorted(json.loads(text))
     # a damaged cache entry is measured again
-    open(path, "w").write("{not json")
+    Path(path).write_text("{not json")
     assert not cache.cached(model, threads=1, folder=folder)["_cache"]["hit"]
     assert cache.cached(model, threads=1, folder=folder)["_cache"]["hit"]
 
@@ -194,14 +196,14 @@ def test_load_table_key_checks(tmp_path):
 
 def test_input_shapes():
     spec = tiny_model().spec
-    assert prof.resolve_shapes(spec) == {"x": (1, 20, 16)}
-    assert prof.resolve_shapes(spec, batch=8) == {"x": (8, 20, 16)}
-    assert prof.parse_input_shapes(spec, ["x=4x50x16"]) == {"x": (4, 50, 16)}
-    assert prof.parse_input_shapes(spec, ["2,30,16"]) == {"x": (2, 30, 16)}
+    assert shapes_mod.resolve_shapes(spec) == {"x": (1, 20, 16)}
+    assert shapes_mod.resolve_shapes(spec, batch=8) == {"x": (8, 20, 16)}
+    assert shapes_mod.parse_input_shapes(spec, ["x=4x50x16"]) == {"x": (4, 50, 16)}
+    assert shapes_mod.parse_input_shapes(spec, ["2,30,16"]) == {"x": (2, 30, 16)}
     for bad, msg in [("x=1x20x15", "fixed at 16"), ("x=1x2x16", r"\[4, 512\]"), ("y=1x20x16", "no model input"),
                      ("x=1x20", "3 axes"), ("x=ax2", "positive integers")]:
         with pytest.raises(EdgecError, match=msg):
-            prof.parse_input_shapes(spec, [bad])
+            shapes_mod.parse_input_shapes(spec, [bad])
 
 
 def test_profile_tiny_model(tiny):
@@ -237,7 +239,7 @@ def test_profile_tiny_model(tiny):
     assert lat.estimate(table) == pytest.approx(table["dense"]["median_ms"])
     assert lat.min_latency(table) < lat.estimate(table)
     # default units: every Linear/Conv layer alone
-    assert [u.name for u in prof.layer_units(model, prof.resolve_shapes(model.spec))] == ["l1", "l2", "pw", "head"]
+    assert [u.name for u in prof.layer_units(model, shapes_mod.resolve_shapes(model.spec))] == ["l1", "l2", "pw", "head"]
     with pytest.raises(EdgecError, match="'nope' is not a module"):
         prof.profile(model, units=[("u", ["nope"], 4)], dense_onnx=onnx_bytes)
     # the model's error against real measurements: the dense model, and a really smaller hidden width
@@ -303,10 +305,10 @@ def test_units_from_channel_groups_and_untimed_members():
         name, kind, size, width = "l1", "hidden", 64, 1
         producers, consumers, per_channel = ["l1"], ["l2"], ["act"]
 
-    unit = prof.as_unit(FakeGroup())
+    unit = units_mod.as_unit(FakeGroup())
     assert (unit.name, unit.layers, unit.width, unit.consumers, unit.per_channel) == ("l1", ("l1",), 64, ("l2",), ("act",))
-    assert prof.as_unit(("u", "pw", 24)).layers == ("pw",)
-    shapes = prof.resolve_shapes(model.spec)
+    assert units_mod.as_unit(("u", "pw", 24)).layers == ("pw",)
+    shapes = shapes_mod.resolve_shapes(model.spec)
     layers = prof.trace_layers(model, shapes)
     prof.check_units([unit], layers, model)
     assert prof.untimed(unit, layers) == ["act"]
@@ -316,6 +318,6 @@ def test_units_from_channel_groups_and_untimed_members():
     shapes_out = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert shapes_out == {"u0c0.x": [1, 20, 16], "u1c0.x": [1, 20, 32]}
     with pytest.raises(EdgecError, match="'nope' is not a module"):
-        prof.check_units([prof.as_unit(("u", ["l1"], 4, ["nope"]))], layers, model)
+        prof.check_units([units_mod.as_unit(("u", ["l1"], 4, ["nope"]))], layers, model)
     with pytest.raises(EdgecError, match="needs a name"):
-        prof.as_unit(("u", [], 4))
+        units_mod.as_unit(("u", [], 4))

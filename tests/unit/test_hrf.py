@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgec.core.pass_manager
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, max_error, trace, verify_equivalent
 from edgec.core.pass_manager import PassManager, PreconditionError
-from edgec.passes.bnfold import FoldBatchNorm
-from edgec.passes.hrf import FoldHRF, HRFExpand, HRFScaffold, find_ffns
 from edgec.core.spec import Dim, InputSpec, TensorSpec
+from edgec.layers.hrf import HRFExpand
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
+from edgec.passes.bnfold import FoldBatchNorm
+from edgec.passes.hrf import FoldHRF, HRFScaffold, find_ffns
 
 TOL = 1e-5
 # arch -> (number of FFNs, number of first-linear modules an HRF feeds per FFN)

@@ -6,24 +6,33 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from edgec import models
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
-from edgec.core.fileio import read_data
-from edgec.data import load_data
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import read_data
 from edgec.core.graph import trace
+from edgec.core.options import FinetuneOptions
 from edgec.core.pass_manager import PassManager
+from edgec.data import load_data
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.passes.hrf import HRFScaffold
-from edgec.train import (TrainingInterrupted, block_names, feature_extractor, finetune, finetune_file, off_loss,
-                         resolve_layers)
+from edgec.train import (
+    TrainingInterrupted,
+    block_names,
+    feature_extractor,
+    finetune,
+    finetune_file,
+    off_loss,
+    resolve_layers,
+)
 from edgec.train.distill import check_features, feature_dim, off_distance
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Block(nn.Module):
@@ -218,8 +227,9 @@ def test_teacher_is_found_by_digest_and_recorded(tmp_path, teacher):
     student = scaffold(teacher)
     save_checkpoint(student, tmp_path / "hrf.pt")
     save_checkpoint(net(seed=7), tmp_path / "other.pt")  # a decoy with another digest
-    res = finetune_file(tmp_path / "hrf.pt", data_file, tmp_path / "out" / "ft.pt", arch=ARCH, epochs=2,
-                        batch_size=16, lr=1e-3, distill="off")
+    res = finetune_file(tmp_path / "hrf.pt", tmp_path / "out" / "ft.pt",
+                        FinetuneOptions(data=data_file, arch=ARCH, epochs=2, batch_size=16, lr=1e-3,
+                                        distill="off")).to_dict()
     json.dumps(res)
     assert res["distill"]["teacher_file"] == "fp.pt" and res["distill"]["teacher_source"] == "scaffold provenance"
     record = load_checkpoint(tmp_path / "out" / "ft.pt", arch=ARCH).provenance[-1]
@@ -237,10 +247,12 @@ def test_teacher_is_found_by_digest_and_recorded(tmp_path, teacher):
     want = teacher.digest()[:12]
     with pytest.raises(EdgecError, match=rf"--distill off needs a teacher: pass --teacher CKPT \(the full-precision "
                                          rf"checkpoint the scaffold came from, digest {want}…, was not found next to hrf.pt\)"):
-        finetune_file(lone / "hrf.pt", data_file, lone / "ft.pt", arch=ARCH, epochs=1, distill="off")
+        finetune_file(lone / "hrf.pt", lone / "ft.pt", FinetuneOptions(data=data_file, arch=ARCH, epochs=1,
+                                                                        distill="off"))
     save_checkpoint(net(), lone / "plain.pt")
     with pytest.raises(EdgecError, match="records no scaffold pass"):
-        finetune_file(lone / "plain.pt", data_file, lone / "ft.pt", arch=ARCH, epochs=1, distill="logits")
+        finetune_file(lone / "plain.pt", lone / "ft.pt", FinetuneOptions(data=data_file, arch=ARCH, epochs=1,
+                                                                          distill="logits"))
 
 
 def test_logits_only_distillation(tmp_path, teacher):
@@ -248,8 +260,9 @@ def test_logits_only_distillation(tmp_path, teacher):
     data_file = make_data(tmp_path / "clusters.pt")
     save_checkpoint(teacher, tmp_path / "fp.pt")
     save_checkpoint(scaffold(teacher), tmp_path / "hrf.pt")
-    res = finetune_file(tmp_path / "hrf.pt", data_file, tmp_path / "ft.pt", arch=ARCH, epochs=2, batch_size=16,
-                        lr=1e-3, distill="logits", kd_weight=1.0, kd_temperature=4.0)
+    res = finetune_file(tmp_path / "hrf.pt", tmp_path / "ft.pt",
+                        FinetuneOptions(data=data_file, arch=ARCH, epochs=2, batch_size=16, lr=1e-3,
+                                        distill="logits", kd_weight=1.0, kd_temperature=4.0)).to_dict()
     h = res["history"]
     assert all(r["train_loss"] == pytest.approx(r["train_kd_loss"]) for r in h)  # no task term at weight 1
     params = load_checkpoint(tmp_path / "ft.pt", arch=ARCH).provenance[-1]["params"]
@@ -281,15 +294,17 @@ def test_resume_with_off_is_bit_identical(data, teacher, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- binary
 def _binary_pass():
+    """The binary pass (``BinaryScaffold``) with its training-loss API (``edgec.layers.binary``) as one namespace."""
     try:
         mod = importlib.import_module("edgec.passes.binary")
+        api = importlib.import_module("edgec.layers.binary")
     except ImportError as exc:
-        pytest.skip(f"edgec.passes.binary is not importable yet ({exc})")
-    missing = [n for n in ("binary_aux_loss", "real_mode", "binary_latent_weights", "BinaryScaffold")
-               if not hasattr(mod, n)]
+        pytest.skip(f"edgec.passes.binary / edgec.layers.binary is not importable yet ({exc})")
+    names = {"binary_aux_loss": api, "real_mode": api, "binary_latent_weights": api, "BinaryScaffold": mod}
+    missing = [n for n, m in names.items() if not hasattr(m, n)]
     if missing:
-        pytest.skip(f"edgec.passes.binary lacks {', '.join(missing)}")
-    return mod
+        pytest.skip(f"the binary pass lacks {', '.join(missing)}")
+    return SimpleNamespace(**{n: getattr(m, n) for n, m in names.items()})
 
 
 def test_binary_latent_weight_supervision(data, teacher):
@@ -320,9 +335,10 @@ def test_binary_latent_weight_supervision(data, teacher):
 SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {test_dir!r})
+from edgec.core.options import FinetuneOptions
 from edgec.train import finetune_file
-res = finetune_file({src!r}, {data!r}, {out!r}, arch="test_distill:BlockNet", epochs=2, batch_size=16, lr=3e-3,
-                    distill="off", off_weight=2.0)
+res = finetune_file({src!r}, {out!r}, FinetuneOptions(data={data!r}, arch="test_distill:BlockNet", epochs=2,
+                    batch_size=16, lr=3e-3, distill="off", off_weight=2.0)).to_dict()
 with open({out!r} + f".rank{{res['rank']}}.json", "w") as f:
     json.dump({{"rank": res["rank"], "digest": res["digest"], "off": [h["train_off_loss"] for h in res["history"]]}}, f)
 """

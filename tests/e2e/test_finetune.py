@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
-
-from edgec.core.fileio import read_data
-from edgec.data import load_data
 from edgec.core.errors import EdgecError
+from edgec.core.fileio import read_data
 from edgec.core.graph import canonical_json
+from edgec.core.options import FinetuneOptions
+from edgec.data import load_data
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.train import TrainingInterrupted, WarmupCosine, finetune, finetune_file, kd_loss
 from edgec.train.loop import evaluate, is_better
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class TinyNet(nn.Module):
@@ -268,15 +268,15 @@ def test_finetune_file_interrupt_then_resume(tmp_path):
     save_checkpoint(tiny(), src)
     data_file = make_data(tmp_path / "clusters.pt")
     out = tmp_path / "out" / "ft.pt"
-    kw = dict(arch=ARCH, epochs=3, batch_size=16, lr=3e-3)
+    kw = dict(data=data_file, arch=ARCH, epochs=3, batch_size=16, lr=3e-3)
     with pytest.raises(TrainingInterrupted):
-        finetune_file(src, data_file, out, progress=_interrupt_after(epoch=2), **kw)
+        finetune_file(src, out, FinetuneOptions(**kw), progress=_interrupt_after(epoch=2))
     assert not out.exists()  # no partial output
     resume_file = out.with_name("ft.pt.resume")
     assert read_data(resume_file)["epoch"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["ft.pt.resume"]  # no temporary files left
 
-    result = finetune_file(src, data_file, out, resume=True, **kw)
+    result = finetune_file(src, out, FinetuneOptions(resume=True, **kw)).to_dict()
     json.dumps(result)  # JSON-able
     assert result["written"] and result["resumed_from"] == 2 and result["world_size"] == 1
     assert not resume_file.exists()  # removed after a successful save

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.core.graph import verify_equivalent
 from edgec.core.pass_manager import PassManager
+from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.passes.bnfold import FoldBatchNorm
 
 
@@ -84,8 +84,8 @@ def test_linear_bn_only_folds_2d():
 
 def test_batchnorm_folds_into_a_lowbit_conv_keeping_its_codes():
     from edgec.core.graph import Model, trace
-    from edgec.layers.lowbit import LowBitConv2d, lowbit_like
     from edgec.core.spec import Dim, InputSpec, TensorSpec
+    from edgec.layers.lowbit import LowBitConv2d, lowbit_like
 
     class Net(nn.Module):
         def __init__(self):

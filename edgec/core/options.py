@@ -1,0 +1,284 @@
+"""Typed options of every command: one frozen dataclass per command, shared by the CLI, the recipe runner and
+the API (see docs/architecture.md#options-and-results). Torch-free and stdlib only: the CLI imports it at
+import time.
+
+Convention (follow it for every options class in this file):
+* ``@dataclass(frozen=True)``; field names are the CLI option names with ``-`` → ``_`` and the recipe
+  parameter names; annotations and defaults are the CLI defaults (``None`` = "not given": the callee decides).
+* Every field is ``field(default=..., metadata={...})`` with the keys
+  - ``"help"``: the CLI help text (``None`` where the CLI option has none);
+  - ``"cli"`` (optional): the flags when not just ``--name-with-dashes``, e.g. ``("-o", "--output")``;
+    ``None`` marks an API-only field (no CLI option);
+  - ``"recipe"`` (optional): ``False`` when the field is not a recipe step parameter;
+  - ``"required"`` (optional): ``True`` for a required CLI option (its default ``None`` is then an error).
+* Input/output paths that are CLI arguments (MODEL, ``-o``) are not options: they are the API call's
+  positional parameters.
+* ``validate()`` raises :class:`EdgecError` with the user-facing message; each check lives here only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from edgec.core.errors import EdgecError
+
+# Shared help texts
+_ARCH_HELP = "Architecture for a bare state_dict or a user class: zoo name or package.module:Class."
+DISTILL_MODES = ("none", "logits", "off")  # the same tuple as edgec.train.loop.DISTILL_MODES
+
+
+def _opt(default, help: str | None, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a data source is loaded (``edgec.data.load_data``); ``None`` = the loader's / the model's default."""
+
+    n_mels: int | None = _opt(None, "Log-mel bins for audio data (default: the model's).")
+    frames: int | None = _opt(None, "Frames per clip for audio data (default 200).")
+    val_fraction: float | None = _opt(None, "Held-out fraction when the data has no val split.")
+
+    def to_kwargs(self) -> dict:
+        """The keyword arguments for ``load_data`` (only those given, in field order)."""
+        return {k: v for k, v in (("n_mels", self.n_mels), ("frames", self.frames),
+                                  ("val_fraction", self.val_fraction)) if v is not None}
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """``edgec finetune MODEL --data D -o OUT``: the training run's options."""
+
+    data: str = _opt(None, "Audio folder with labels.csv, tensor file or package.module:function.", required=True)
+    epochs: int = _opt(10, "Epochs.")
+    batch_size: int = _opt(32, "Global batch size (split across processes).")
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _opt(0.01, None)
+    warmup: float = _opt(0.1, "Warm-up as a fraction of all steps, then cosine decay.")
+    grad_clip: float | None = _opt(1.0, "Max gradient norm (0: off).")
+    seed: int = _opt(0, "Seed for data order, dropout and initialisation.")
+    distill: str | None = _opt(None, "none | logits (KL on soft targets) | off (task loss + λ·(1 − cos) on hidden "
+                                     "features). Default: logits with --teacher, else none.")
+    teacher: str | None = _opt(None, "Teacher checkpoint (default with --distill: the full-precision checkpoint "
+                                     "the scaffold came from, found by digest next to MODEL).")
+    kd_weight: float | None = _opt(None, "w in (1−w)·task + w·KD; default 0.5 with logits, 0 with off; "
+                                         "1 = pure distillation.")
+    off_weight: float = _opt(1.0, "λ: weight of the OFF term.")
+    # CLI: one comma-separated string, split into the list; API/recipe: a list of names/globs
+    off_layers: list[str] | None = _opt(None, "Comma-separated module names/globs whose outputs OFF compares "
+                                              "(default: every block output).")
+    binary_weights: str | list[float] | None = _opt(None, "λ1,λ2 for binary scaffolds' latent path (default: as "
+                                                          "recorded by scaffold binary; 0,0 = off).")
+    kd_temperature: float = _opt(2.0, None)
+    resume: bool = _opt(False, "Continue from the resume file of an interrupted run.")
+    resume_file: str | None = _opt(None, "Default: <output>.resume.")
+    keep_resume: bool = _opt(False, "Keep the resume file after success.")
+    device: str | None = _opt(None, "auto (default), cpu, cuda, cuda:N.")
+    n_mels: int | None = _opt(None, "Log-mel bins for audio data (default: the model's).")
+    frames: int | None = _opt(None, "Frames per clip for audio data (default 200).")
+    val_fraction: float | None = _opt(None, "Held-out fraction when the data has no val split.")
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+    @property
+    def data_options(self) -> DataOptions:
+        return DataOptions(n_mels=self.n_mels, frames=self.frames, val_fraction=self.val_fraction)
+
+    def distill_mode(self) -> str:
+        """``distill`` resolved: None/"auto" → "logits" with a teacher, else "none"."""
+        if self.distill in (None, "auto"):
+            return "logits" if self.teacher is not None else "none"
+        return str(self.distill).lower()
+
+    def validate(self) -> None:
+        if self.distill_mode() not in DISTILL_MODES:
+            raise EdgecError(f"--distill must be one of {', '.join(DISTILL_MODES)} (got {self.distill!r})")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """``edgec prune MODEL -o OUT``: ALCS under a measured latency budget (exactly one of the two budgets)."""
+
+    latency_ms: float | None = _opt(None, "Budget: median ORT latency in ms.")
+    latency_ratio: float | None = _opt(None, "Budget as a fraction of the dense model's measured latency (e.g. 0.6).")
+    data: str | None = _opt(None, "Training data: ADMM + fine-tune (without: one-shot importance pruning, lower "
+                                  "quality).")
+    table: str | None = _opt(None, "Latency table measured on the target device.")
+    pattern: str = _opt("channel", "channel | simd:N (ALCS 1×N vectors; used only where the table measures it "
+                                   "faster).")
+    threads: int = _opt(1, "onnxruntime threads for the budget.")
+    batch: int = _opt(1, "Batch size the budget applies to.")
+    input_shape: list[str] | None = _opt(None, "NAME=1x200x40 (as edgec profile).")
+    admm_epochs: int = _opt(3, "ADMM rounds (with --data).")
+    finetune_epochs: int = _opt(3, "Fine-tune epochs after the hard mask.")
+    rho: float = _opt(1e-3, "ADMM penalty ρ.")
+    lr: float = _opt(1e-3, "Learning rate for ADMM and fine-tuning.")
+    min_density: float | None = _opt(None, "Keep at least this fraction of every group.")
+    max_retries: int = _opt(3, "Tighten and retry when the measured latency misses.")
+    seed: int = _opt(0, "Seed.")
+    n_mels: int | None = _opt(None, None)
+    frames: int | None = _opt(None, None)
+    arch: str | None = _opt(None, _ARCH_HELP)
+    # API-only (no CLI option, not recipe parameters)
+    val_fraction: float | None = _opt(None, None, cli=None, recipe=False)
+    batch_size: int = _opt(32, "Batch size of ADMM and fine-tuning.", cli=None, recipe=False)
+    margin: float = _opt(0.0, "Aim this fraction below the budget.", cli=None, recipe=False)
+    densities: list[float] | None = _opt(None, "Profiling grid when a table is measured (default: "
+                                               "edgec.latency.profiling.DEFAULT_DENSITIES).", cli=None, recipe=False)
+    profile_options: dict | None = _opt(None, "Passed to the profiler.", cli=None, recipe=False)
+    measure_options: dict | None = _opt(None, "Passed to the measurement protocol.", cli=None, recipe=False)
+
+    @property
+    def data_options(self) -> DataOptions:
+        return DataOptions(n_mels=self.n_mels, frames=self.frames, val_fraction=self.val_fraction)
+
+    def validate(self) -> None:
+        problems = []
+        if (self.latency_ms is None) == (self.latency_ratio is None):
+            problems.append("give exactly one of --latency-ms and --latency-ratio")
+        ms, ratio = self.latency_ms, self.latency_ratio
+        if ms is not None and not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0):
+            problems.append(f"--latency-ms must be a number > 0 (got {ms!r})")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+            problems.append(f"--latency-ratio must be in (0, 1] (got {ratio!r})")
+        if int(self.threads) < 1:
+            problems.append(f"threads must be >= 1 (got {self.threads})")
+        if int(self.batch) < 1:
+            problems.append(f"batch must be >= 1 (got {self.batch})")
+        if int(self.admm_epochs) < 0 or int(self.finetune_epochs) < 0:
+            problems.append("epochs must be >= 0")
+        if not (float(self.rho) >= 0 and math.isfinite(self.rho)):
+            problems.append(f"rho must be a finite number >= 0 (got {self.rho})")
+        if not (float(self.lr) > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a finite number > 0 (got {self.lr})")
+        if int(self.max_retries) < 0:
+            problems.append(f"max_retries must be >= 0 (got {self.max_retries})")
+        if not 0.0 <= float(self.margin) < 1.0:
+            problems.append(f"margin is a fraction of the budget in [0, 1) (got {self.margin})")
+        if self.min_density is not None and not 0.0 < float(self.min_density) <= 1.0:
+            problems.append(f"min_density must be in (0, 1] (got {self.min_density})")
+        if problems:
+            raise EdgecError("; ".join(problems))
+
+
+# --- the other commands (zoo, scaffold, fold, export, eval, profile, inspect) -------------------------
+
+_INCLUDE_HELP = "Glob over layer names (repeatable)."
+_EXCLUDE_HELP = "Glob over layer names to skip (repeatable)."
+
+
+def _keep_first_last():
+    return _opt(True, "Keep the first layer and the classifier in full precision.",
+                cli=("--keep-first-last/--no-keep-first-last",))
+
+
+@dataclass(frozen=True)
+class ZooCreateOptions:
+    """``edgec zoo create NAME -o OUT``: config overrides and the initialisation seed."""
+
+    # CLI: repeatable key=value strings, parsed into this table
+    set: dict | None = _opt(None, "Config override key=value (repeatable).")
+    seed: int = _opt(0, "Initialisation seed.")
+
+
+@dataclass(frozen=True)
+class ScaffoldHrfOptions:
+    """``edgec scaffold hrf MODEL``: the scaffold.hrf pass's parameters."""
+
+    expand: int = _opt(4, "K: H maps d → K·d.")
+    include: list[str] | None = _opt(None, "Glob over FFN first-linear names (repeatable).")
+    exclude: list[str] | None = _opt(None, "Glob to skip (repeatable).")
+    init: str = _opt("default", "default (train from scratch) | preserve (function-preserving).")
+    seed: int = _opt(0, "Seed for the inserted weights.")
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+
+@dataclass(frozen=True)
+class ScaffoldTernaryOptions:
+    """``edgec scaffold ternary MODEL``: STTN or DLT and their pass parameters."""
+
+    method: str = _opt("sttn", "sttn (two binary kernels, soft threshold) | dlt (learnable per-group scale and "
+                               "shift).")
+    group_size: int | None = _opt(None, "DLT group size along the fan-in (0: one group per output channel; "
+                                        "default 128).")
+    activations: str = _opt("none", "none | ternary (quantize layer inputs).")
+    include: list[str] | None = _opt(None, _INCLUDE_HELP)
+    exclude: list[str] | None = _opt(None, _EXCLUDE_HELP)
+    keep_first_last: bool = _keep_first_last()
+    seed: int | None = _opt(None, "Seed for STTN's latent split.")
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+    def validate(self) -> None:
+        if self.method not in ("sttn", "dlt"):
+            raise EdgecError(f"--method must be sttn or dlt, got '{self.method}'")
+        if self.method == "sttn" and self.group_size is not None:
+            raise EdgecError("--group-size applies to --method dlt (STTN scales per output channel)")
+
+
+@dataclass(frozen=True)
+class ScaffoldBinaryOptions:
+    """``edgec scaffold binary MODEL``: the scaffold.binary pass's parameters."""
+
+    activations: str = _opt("none", "none | binary (quantize layer inputs).")
+    latent_weight: str | list[float] = _opt("0.5,0.5", "λ1,λ2: weights of the real-valued latent path's CE and "
+                                                       "cosine terms during fine-tuning.")
+    include: list[str] | None = _opt(None, _INCLUDE_HELP)
+    exclude: list[str] | None = _opt(None, _EXCLUDE_HELP)
+    keep_first_last: bool = _keep_first_last()
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """``edgec fold MODEL``."""
+
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """``edgec export MODEL``: opset and how low-bit weights are stored."""
+
+    opset: int | None = _opt(None, "ONNX opset (default 20; 25 with INT2 weights).")
+    weights: str = _opt("auto", "auto (INT2 where the graph is ternary/binary) | fp32 | int2.")
+    forms: str = _opt("measure", "INT2 Linear storage: measure (fastest per layer) | dq (DequantizeLinear) | "
+                                 "matmulnbits.")
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``edgec eval MODEL --data D``: the evaluation protocol's options."""
+
+    data: str = _opt(None, "Audio folder with labels.csv, tensor file (.pt/.npz/.safetensors) or "
+                           "package.module:function.", required=True)
+    split: str = _opt("test", "Split to score (test falls back to val when absent).")
+    threads: int = _opt(1, "onnxruntime intra-op threads for latency.")
+    latency_batch: int = _opt(1, "Batch size for the latency run.")
+    no_latency: bool = _opt(False, "Skip the latency measurement.")
+    n_mels: int | None = _opt(None, "Log-mel bins (default: the model's).")
+    frames: int | None = _opt(None, "Frames per clip (default: as fine-tuned, else 200).")
+    arch: str | None = _opt(None, _ARCH_HELP)
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """``edgec profile MODEL``: what to time, and where a table comes from."""
+
+    threads: int = _opt(1, "onnxruntime intra-op threads (part of the table key).")
+    input_shape: list[str] | None = _opt(None, "NAME=1x200x40 (repeatable) or 1,200,40 for a single-input model; "
+                                               "default: the spec's traced shape at --batch.")
+    batch: int = _opt(1, "Batch size when --input-shape is not given.")
+    patterns: list[str] | None = _opt(None, "channel and/or simd:N (repeatable).", cli=("--pattern",))
+    table: str | None = _opt(None, "Use a table measured on the target device.")
+    plot: str | None = _opt(None, "Write per-unit latency bars to this PNG.")
+    refresh: bool = _opt(False, "Measure again even if a cached table matches.")
+    arch: str | None = _opt(None, _ARCH_HELP)
+    units: str = _opt("groups", None, cli=None, recipe=False)
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """``edgec inspect FILE``."""
+
+    layers: bool = _opt(False, "List every weight layer with its bit width.", recipe=False)
+    arch: str | None = _opt(None, _ARCH_HELP)

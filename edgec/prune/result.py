@@ -1,0 +1,53 @@
+"""What ``prune_file`` returns: a typed result whose ``to_dict()`` is the JSON the CLI prints."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """One pruning run (see docs/methods.md#alcs). Times are milliseconds of one ``session.run``; ``*_ms``
+    without qualifier are local measurements, ``*_table_ms`` are in the latency table's units."""
+
+    output: str
+    input: str
+    arch: str
+    budget_ms: float
+    local_budget_ms: float
+    budget_from: str  # "ms" | "ratio"
+    latency_ratio: float | None
+    dense_ms: float
+    estimated_ms: float
+    measured_ms: float
+    measured_runs_ms: list
+    estimated_table_ms: float
+    calibration: dict
+    speedup: float | None
+    min_reachable_ms: float
+    table_foreign: bool
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    flop_reduction: float | None
+    densities: dict
+    kept: dict
+    retries: int
+    attempts: list
+    pattern: str
+    pattern_chosen: str
+    simd: dict | None
+    model_error: float | None
+    mode: str  # "one-shot" | "admm" | "finetune"
+    admm: dict | None
+    finetune: dict | None
+    table: dict
+    digest: str
+    notes: list
+    seconds: float
+    threads: int
+    batch: int
+    input_shapes: dict
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
