@@ -366,68 +366,17 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
     dense_runs = [time_dense()]
     overhead = _run_overhead(threads, warmup, repeats, min_seconds)
 
+    timing = {"threads": threads, "warmup": warmup, "repeats": repeats, "min_seconds": min_seconds}
     entries = []
     for ui, unit in enumerate(units):
         say(f"unit {ui + 1}/{len(units)}: {unit.name}")
-        plan = {p: _points(unit, layers, grid, p) for p in patterns}
-        timed = bool(_roles(unit, layers))
-        configs = {}
-        for pts in plan.values():
-            for _, _, cfg in pts:
-                if cfg not in configs and timed:
-                    if cfg[0] == "dense":
-                        proto, x = unit_onnx(unit, layers, 1.0, seed=seed)
-                    elif cfg[0] == "channel":
-                        proto, x = unit_onnx(unit, layers, cfg[1] / unit.width, seed=seed)
-                    else:
-                        proto, x = unit_onnx(unit, layers, simd=(cfg[1], cfg[2]), seed=seed)
-                    configs[cfg] = (create_session(proto, threads), x)
-        stats = _measure_configs(configs, rounds, threads=threads, warmup=warmup, repeats=repeats,
-                                 min_seconds=min_seconds)
-        if not timed:  # only untimed members (Embedding, BatchNorm ...): no measurable cost of its own
-            stats = {cfg: {"median_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0} for pts in plan.values() for _, _, cfg in pts}
-        entry = unit.to_json()
-        entry["layer_info"] = {name: layers[name].describe() for name in unit.members if name in layers}
-        entry["untimed"] = untimed(unit, layers)
-        entry["patterns"] = {}
-        for p, pts in plan.items():
-            if not pts:
-                continue
-            entry["patterns"][p] = {
-                "density": [round(a, 6) for a, _, _ in pts],
-                "kept": [int(k) for _, k, _ in pts],
-                "median_ms": [stats[c]["median_ms"] for _, _, c in pts],
-                "p10_ms": [stats[c]["p10_ms"] for _, _, c in pts],
-                "p90_ms": [stats[c]["p90_ms"] for _, _, c in pts],
-            }
-        entry["dense_ms"] = stats[("dense",)]["median_ms"]
-        entries.append(entry)
-        del configs
+        entries.append(_profile_unit(unit, layers, grid, patterns, rounds, seed, timing))
 
     shared = shared_layers(units, layers)
     interactions = []
     for li, layer in enumerate(dict.fromkeys(name for name, _, _ in shared)):
         say(f"shared layer {li + 1}: {layer}")
-        info = layers[layer]
-        ref = INTERACTION_DENSITY
-        out_frac = _keep(info.out_channels, ref) / info.out_channels
-        in_frac = _keep(info.in_channels, ref) / info.in_channels
-        alone = {"dense": unit_onnx(Unit(layer, (layer,), 1), layers, 1.0, seed=seed),
-                 "out": unit_onnx(Unit(layer, (layer,), 1), layers, out_frac, seed=seed),
-                 "in": unit_onnx(Unit(layer, (), 1, (layer,)), layers, in_frac, seed=seed)}
-        configs = {k: (create_session(proto, threads), x) for k, (proto, x) in alone.items()}
-        st = _measure_configs(configs, rounds, threads=threads, warmup=warmup, repeats=repeats,
-                              min_seconds=min_seconds)
-        dense_ms = st["dense"]["median_ms"]
-        c_out = max(0.0, (dense_ms - st["out"]["median_ms"]) / (1 - out_frac)) if out_frac < 1 else 0.0
-        c_in = max(0.0, (dense_ms - st["in"]["median_ms"]) / (1 - in_frac)) if in_frac < 1 else 0.0
-        slope = c_out * c_in / max(dense_ms - overhead, 1e-9)
-        for name, out_unit, in_unit in shared:
-            if name == layer:
-                interactions.append({"layer": layer, "out_unit": out_unit, "in_unit": in_unit, "slope_ms": slope,
-                                     "out_slope_ms": c_out, "in_slope_ms": c_in, "dense_ms": dense_ms,
-                                     "ref_density": ref, "out_ms": st["out"]["median_ms"],
-                                     "in_ms": st["in"]["median_ms"]})
+        interactions += _interactions(layer, shared, layers, overhead, rounds, seed, timing)
 
     say("timing the dense model again")
     dense_runs.append(time_dense())
@@ -441,6 +390,66 @@ def profile(model, units=None, densities=DEFAULT_DENSITIES, threads: int = 1, ba
         protocol={"warmup": int(warmup), "repeats": int(repeats), "min_seconds": float(min_seconds),
                   "rounds": int(rounds), "dense_repeats": int(dense_repeats),
                   "dense_min_seconds": float(dense_min_seconds), "opset": OPSET, "seed": int(seed)})
+
+
+def _profile_unit(unit: Unit, layers: dict, grid, patterns, rounds: int, seed: int, timing: dict) -> dict:
+    """One unit's table entry: every pattern's density points timed (medians over ``rounds`` sweeps)."""
+    threads = timing["threads"]
+    plan = {p: _points(unit, layers, grid, p) for p in patterns}
+    timed = bool(_roles(unit, layers))
+    configs = {}
+    for pts in plan.values():
+        for _, _, cfg in pts:
+            if cfg not in configs and timed:
+                if cfg[0] == "dense":
+                    proto, x = unit_onnx(unit, layers, 1.0, seed=seed)
+                elif cfg[0] == "channel":
+                    proto, x = unit_onnx(unit, layers, cfg[1] / unit.width, seed=seed)
+                else:
+                    proto, x = unit_onnx(unit, layers, simd=(cfg[1], cfg[2]), seed=seed)
+                configs[cfg] = (create_session(proto, threads), x)
+    stats = _measure_configs(configs, rounds, **timing)
+    if not timed:  # only untimed members (Embedding, BatchNorm ...): no measurable cost of its own
+        stats = {cfg: {"median_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0} for pts in plan.values() for _, _, cfg in pts}
+    entry = unit.to_json()
+    entry["layer_info"] = {name: layers[name].describe() for name in unit.members if name in layers}
+    entry["untimed"] = untimed(unit, layers)
+    entry["patterns"] = {}
+    for p, pts in plan.items():
+        if not pts:
+            continue
+        entry["patterns"][p] = {
+            "density": [round(a, 6) for a, _, _ in pts],
+            "kept": [int(k) for _, k, _ in pts],
+            "median_ms": [stats[c]["median_ms"] for _, _, c in pts],
+            "p10_ms": [stats[c]["p10_ms"] for _, _, c in pts],
+            "p90_ms": [stats[c]["p90_ms"] for _, _, c in pts],
+        }
+    entry["dense_ms"] = stats[("dense",)]["median_ms"]
+    return entry
+
+
+def _interactions(layer: str, shared: list, layers: dict, overhead: float, rounds: int, seed: int,
+                  timing: dict) -> list[dict]:
+    """A layer shared by two units, timed alone (dense, outputs and inputs at ``INTERACTION_DENSITY``): the
+    slope of its two-sided saving, one record per (out unit, in unit) pair (docs/methods.md#latency-tables)."""
+    info = layers[layer]
+    ref = INTERACTION_DENSITY
+    out_frac = _keep(info.out_channels, ref) / info.out_channels
+    in_frac = _keep(info.in_channels, ref) / info.in_channels
+    alone = {"dense": unit_onnx(Unit(layer, (layer,), 1), layers, 1.0, seed=seed),
+             "out": unit_onnx(Unit(layer, (layer,), 1), layers, out_frac, seed=seed),
+             "in": unit_onnx(Unit(layer, (), 1, (layer,)), layers, in_frac, seed=seed)}
+    configs = {k: (create_session(proto, timing["threads"]), x) for k, (proto, x) in alone.items()}
+    st = _measure_configs(configs, rounds, **timing)
+    dense_ms = st["dense"]["median_ms"]
+    c_out = max(0.0, (dense_ms - st["out"]["median_ms"]) / (1 - out_frac)) if out_frac < 1 else 0.0
+    c_in = max(0.0, (dense_ms - st["in"]["median_ms"]) / (1 - in_frac)) if in_frac < 1 else 0.0
+    slope = c_out * c_in / max(dense_ms - overhead, 1e-9)
+    return [{"layer": layer, "out_unit": out_unit, "in_unit": in_unit, "slope_ms": slope,
+             "out_slope_ms": c_out, "in_slope_ms": c_in, "dense_ms": dense_ms, "ref_density": ref,
+             "out_ms": st["out"]["median_ms"], "in_ms": st["in"]["median_ms"]}
+            for name, out_unit, in_unit in shared if name == layer]
 
 
 def _measure_configs(configs: dict, rounds: int, **options) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgec.models.layers import FeedForward, MultiHeadSelfAttention, positional_encoding, speech_input_spec
+from edgec.models.blocks import FeedForward, MultiHeadSelfAttention, positional_encoding, speech_input_spec
 
 
 class EncoderBlock(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.layers import speech_input_spec
+from edgec.models.blocks import speech_input_spec
 
 
 class MSDC(nn.Module):
