@@ -429,6 +429,20 @@ def _profile_unit(unit: Unit, layers: dict, grid, patterns, rounds: int, seed: i
     return entry
 
 
+def interaction_slope(dense_ms: float, out_ms: float, out_frac: float, in_ms: float, in_frac: float,
+                      overhead_ms: float) -> tuple[float, float, float]:
+    """``(c_out, c_in, slope)`` of a layer shared by two units (docs/methods.md#latency-tables): linear savings
+    ``c_out = (ℓ(1,1) − ℓ(a,1)) / (1 − a)``, ``c_in`` likewise, and ``slope = c_out·c_in / (ℓ(1,1) − overhead)``.
+
+    The denominator is at least ``max(c_out, c_in)``: one side's saving can never exceed the layer's own cost,
+    so ``slope <= min(c_out, c_in)``. Without that bound a layer whose time is within noise of the run overhead
+    (a 1×1 shortcut conv: 0.017 ms against 0.013 ms) divided by ~0 and claimed seconds of interaction.
+    """
+    c_out = max(0.0, (dense_ms - out_ms) / (1 - out_frac)) if out_frac < 1 else 0.0
+    c_in = max(0.0, (dense_ms - in_ms) / (1 - in_frac)) if in_frac < 1 else 0.0
+    return c_out, c_in, c_out * c_in / max(dense_ms - overhead_ms, c_out, c_in, 1e-9)
+
+
 def _interactions(layer: str, shared: list, layers: dict, overhead: float, rounds: int, seed: int,
                   timing: dict) -> list[dict]:
     """A layer shared by two units, timed alone (dense, outputs and inputs at ``INTERACTION_DENSITY``): the
@@ -443,9 +457,8 @@ def _interactions(layer: str, shared: list, layers: dict, overhead: float, round
     configs = {k: (create_session(proto, timing["threads"]), x) for k, (proto, x) in alone.items()}
     st = _measure_configs(configs, rounds, **timing)
     dense_ms = st["dense"]["median_ms"]
-    c_out = max(0.0, (dense_ms - st["out"]["median_ms"]) / (1 - out_frac)) if out_frac < 1 else 0.0
-    c_in = max(0.0, (dense_ms - st["in"]["median_ms"]) / (1 - in_frac)) if in_frac < 1 else 0.0
-    slope = c_out * c_in / max(dense_ms - overhead, 1e-9)
+    c_out, c_in, slope = interaction_slope(dense_ms, st["out"]["median_ms"], out_frac, st["in"]["median_ms"],
+                                           in_frac, overhead)
     return [{"layer": layer, "out_unit": out_unit, "in_unit": in_unit, "slope_ms": slope,
              "out_slope_ms": c_out, "in_slope_ms": c_in, "dense_ms": dense_ms, "ref_density": ref,
              "out_ms": st["out"]["median_ms"], "in_ms": st["in"]["median_ms"]}
