@@ -432,15 +432,14 @@ def _profile_unit(unit: Unit, layers: dict, grid, patterns, rounds: int, seed: i
 def interaction_slope(dense_ms: float, out_ms: float, out_frac: float, in_ms: float, in_frac: float,
                       overhead_ms: float) -> tuple[float, float, float]:
     """``(c_out, c_in, slope)`` of a layer shared by two units (docs/methods.md#latency-tables): linear savings
-    ``c_out = (ℓ(1,1) − ℓ(a,1)) / (1 − a)``, ``c_in`` likewise, and ``slope = c_out·c_in / (ℓ(1,1) − overhead)``.
-
-    The denominator is at least ``max(c_out, c_in)``: one side's saving can never exceed the layer's own cost,
-    so ``slope <= min(c_out, c_in)``. Without that bound a layer whose time is within noise of the run overhead
-    (a 1×1 shortcut conv: 0.017 ms against 0.013 ms) divided by ~0 and claimed seconds of interaction.
+    ``c_out = (ℓ(1,1) − ℓ(a,1)) / (1 − a)``, ``c_in`` likewise, and ``slope = c_out·c_in / (ℓ(1,1) − overhead)``,
+    capped at the layer's own measured time ``ℓ(1,1)``: the correction ``slope·(1 − a)(1 − b)`` can never exceed
+    what the layer costs. Without the cap a layer whose time is within noise of the run overhead (a 1×1 shortcut
+    conv: 0.017 ms against 0.013–0.016 ms) divided by ~0 and claimed seconds of interaction.
     """
     c_out = max(0.0, (dense_ms - out_ms) / (1 - out_frac)) if out_frac < 1 else 0.0
     c_in = max(0.0, (dense_ms - in_ms) / (1 - in_frac)) if in_frac < 1 else 0.0
-    return c_out, c_in, c_out * c_in / max(dense_ms - overhead_ms, c_out, c_in, 1e-9)
+    return c_out, c_in, min(c_out * c_in / max(dense_ms - overhead_ms, 1e-9), dense_ms)
 
 
 def _interactions(layer: str, shared: list, layers: dict, overhead: float, rounds: int, seed: int,
