@@ -323,18 +323,32 @@ def run(
         raise typer.Exit(report["exit_code"])
 
 
+def _click_classes(name: str) -> tuple:
+    """``name`` from click and from the click that typer bundles (typer >= 0.20 parses with its own copy)."""
+    modules = [click.exceptions]
+    try:
+        from typer._click import exceptions as bundled  # absent in typer versions without a copy
+        modules.append(bundled)
+    except ImportError:
+        pass
+    return tuple(dict.fromkeys(getattr(m, name) for m in modules if hasattr(m, name)))
+
+
+_EXIT, _CLICK_ERRORS, _ABORT = (_click_classes(n) for n in ("Exit", "ClickException", "Abort"))
+
+
 def main() -> None:
     """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
     debug = STATE["debug"] or "--debug" in sys.argv[1:]
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:  # usage errors (unknown option or command, missing argument): exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORT, KeyboardInterrupt):
         r.err_console.print("interrupted")
         sys.exit(130)
     except EdgecError as exc:

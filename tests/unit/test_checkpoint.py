@@ -157,3 +157,10 @@ def test_user_architecture_needs_explicit_arch(tmp_path):
 def test_checkpoint_is_a_plain_zip_of_data(conformer_ckpt):
     names = zipfile.ZipFile(conformer_ckpt).namelist()
     assert all(n.startswith("archive/") for n in names)  # no temp file name leaks into the archive
+
+
+@pytest.mark.parametrize("args", [("fold", "--bogus"), ("nosuch",), ("finetune", "x.pt")])
+def test_usage_errors_exit_2_without_traceback(args):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
