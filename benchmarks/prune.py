@@ -184,7 +184,7 @@ def run_alcs(ctx, ratio, tmp, admm_epochs, label):
     return {"method": label, "ratio": ratio, "measured_ms": ms, "prune_file_ms": res["measured_ms"],
             "est_err": (res["estimated_ms"] - res["measured_ms"]) / res["measured_ms"],
             "speedup": ctx.dense_ms / ms, "flop_red": res["flop_reduction"], "metric": score(ctx, onnx_bytes),
-            "params": res["params_after"], "retries": res["retries"], "seconds": time.perf_counter() - t}
+            "params": res["params"], "retries": res["retries"], "seconds": time.perf_counter() - t}
 
 
 def run_uniform(ctx, ratio, target_ms):

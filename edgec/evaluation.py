@@ -366,7 +366,7 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
                             latency_batch=latency_batch, latency=latency, ort_config=ort_config, warmup=warmup,
                             repeats=repeats, min_seconds=min_seconds, return_predictions=return_predictions,
                             progress=progress)
-    result = {"file": path.name, "file_bytes": path.stat().st_size, **result}
+    result = {"input": path.name, "file_bytes": path.stat().st_size, **result}
     if bundle.kind == "audio folder":
         result["data_features"] = {"n_mels": n_mels, "frames": frames, "sample_rate": sample_rate,
                                    "normalize": normalize}
@@ -382,7 +382,7 @@ def _load_target(path: Path, is_onnx: bool, arch: str | None) -> tuple[object, d
         except ValueError:
             prov = None
         return (data, proto), (prov or {}).get("config") or {}, (prov or {}).get("passes") or []
-    model = load_checkpoint(path, arch=arch)
+    model = load_checkpoint(path, arch)  # arch: a str or SourceOptions
     config = model.config or {}
     spec_n_mels = model.spec.extra.get("n_mels") if isinstance(model.spec.extra, dict) else None
     config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
@@ -465,7 +465,7 @@ def _prepare_checkpoint(model: Model, first_item, latency: bool, threads: int, o
     if model.spec.task == "features":
         raise EdgecError(f"the model ({model.arch}) outputs features ({', '.join(model.spec.outputs)}), not "
                          "predictions; it needs a classification/regression head to be evaluated")
-    info = {"format": "checkpoint", "arch": model.arch, "passes": _pass_names(model.provenance),
+    info = {"kind": "checkpoint", "arch": model.arch, "provenance_passes": _pass_names(model.provenance),
             "params": model.param_count(), "checkpoint_digest": model.digest()}
     check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
     prep = _Prepared(inputs, info, _TorchRunner(model))
@@ -512,7 +512,7 @@ def _prepare_onnx(target, first_item, latency: bool, threads: int, ort_config: d
                          "head to be evaluated")
     inputs = inputs_from_onnx(proto, prov)
     hints = {"n_mels": config.get("n_mels"), "image_size": config.get("image_size")}
-    info = {"format": "onnx", "arch": prov.get("arch"), "passes": _pass_names(prov.get("passes")),
+    info = {"kind": "onnx", "arch": prov.get("arch"), "provenance_passes": _pass_names(prov.get("passes")),
             "params": onnx_params(proto), "checkpoint_digest": prov.get("checkpoint_digest")}
     check_data_fits(inputs, tuple(first_item.shape), _item_dtype(first_item), hints)
     session = create_session(data, threads, ort_config)

@@ -6,6 +6,7 @@ Each command imports the layers it needs inside its function: every CLI call imp
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,9 @@ from edgec.app.results import (
     SavedCheckpoint,
     ScaffoldResult,
     ZooCreateResult,
+    ZooListResult,
 )
+from edgec.core.errors import EdgecError
 from edgec.core.fileio import atomic_write, check_output
 from edgec.core.graph import canonical_json
 from edgec.core.options import (
@@ -35,9 +38,10 @@ from edgec.core.options import (
     ScaffoldBinaryOptions,
     ScaffoldHrfOptions,
     ScaffoldTernaryOptions,
+    SourceOptions,
     ZooCreateOptions,
 )
-from edgec.core.pass_manager import PASSES, PassManager, get_pass
+from edgec.core.pass_manager import PASSES, PassManager, get_pass, refuse_skips, skip
 from edgec.core.provenance import record as provenance_record
 
 if TYPE_CHECKING:
@@ -68,8 +72,10 @@ def _as_list(value):
     return [value] if isinstance(value, str) else value
 
 
-def load(path: str | Path, arch: str | None = None):
-    return load_checkpoint(path, arch=arch)
+def load(path: str | Path, source: SourceOptions | str | None = None):
+    """Any checkpoint form as a Model; ``source`` (options or an arch string) is merged with the project
+    file (see edgec.models.checkpoint.load_checkpoint)."""
+    return load_checkpoint(path, source)
 
 
 def save(model, output: str | Path) -> SavedCheckpoint:
@@ -79,12 +85,12 @@ def save(model, output: str | Path) -> SavedCheckpoint:
 
 def _saved(model, output, cls, **extra):
     """``save`` the model and return ``cls`` (a SavedCheckpoint subclass) with the extra fields."""
-    return cls(**save(model, output).to_dict(), **extra)
+    return cls(**save(model, output).field_values(), **extra)
 
 
 # --- zoo -------------------------------------------------------------------------------------------
 
-def zoo_list() -> list[dict]:
+def zoo_list() -> ZooListResult:
     rows = []
     for name in models.ZOO:
         cls = models.resolve(name)
@@ -92,7 +98,7 @@ def zoo_list() -> list[dict]:
         spec = module.input_spec()
         rows.append({"name": name, "summary": cls.summary, "params": sum(p.numel() for p in module.parameters()),
                      "inputs": spec.to_json()["inputs"], "task": spec.task, "config": cls.default_config()})
-    return rows
+    return ZooListResult(models=rows)
 
 
 def zoo_create(name: str, output: str | Path, options: ZooCreateOptions = ZooCreateOptions()) -> ZooCreateResult:
@@ -120,6 +126,16 @@ def import_hf(folder: str | Path, output: str | Path) -> ImportResult:
     return _saved(model, output, ImportResult, config=model.config)
 
 
+def import_torch(file: str | Path, output: str | Path, options: SourceOptions = SourceOptions()) -> ImportResult:
+    """A PyTorch checkpoint (state_dict, safetensors, Lightning, or a pickled module with ``trust_pickle``)
+    loaded into ``options.arch`` and written once as an edgec checkpoint (record ``import.torch``)."""
+    output = check_output(output, file)
+    model = load_checkpoint(file, options)
+    if model.provenance and model.provenance[0].get("pass") != "import.torch":
+        raise EdgecError(f"{file} is already an edgec checkpoint; use it as it is")
+    return _saved(model, output, ImportResult, config=model.config)
+
+
 # --- passes ----------------------------------------------------------------------------------------
 
 def run_passes(model, names: list[str], params: dict | None = None, progress=None):
@@ -130,18 +146,29 @@ def run_passes(model, names: list[str], params: dict | None = None, progress=Non
 ScaffoldOptions = ScaffoldHrfOptions | ScaffoldTernaryOptions | ScaffoldBinaryOptions
 
 
+def pass_params(options: ScaffoldOptions) -> dict:
+    """A scaffold pass's parameters: the options' fields other than the model source, ``method`` and
+    ``strict``, those given."""
+    skip = {f.name for f in fields(SourceOptions)} | {"method", "strict"}
+    return {k: v for k, v in options.__dict__.items() if k not in skip and v is not None}
+
+
 def scaffold(kind: str, input_path: str | Path, output: str | Path | None, options: ScaffoldOptions,
              progress=None) -> ScaffoldResult:
-    """Insert a training scaffold (``kind``: hrf, sttn, dlt, binary) with the pass's parameters: the
-    options' fields other than ``arch`` (and ``method``), those given."""
-    model = load(input_path, options.arch)
+    """Insert a training scaffold (``kind``: hrf, sttn, dlt, binary) with the pass's parameters
+    (:func:`pass_params`)."""
+    model = load(input_path, options)
     out = _out_path(input_path, output, f".{kind}.pt")
     before = _model_summary(model)
-    params = {k: v for k, v in options.__dict__.items() if k not in ("arch", "method") and v is not None}
-    scaffolded, records = run_passes(model, [f"scaffold.{kind}"], {f"scaffold.{kind}": params}, progress)
+    scaffolded, records = run_passes(model, [f"scaffold.{kind}"], {f"scaffold.{kind}": pass_params(options)},
+                                     progress)
     rec = records[0]
+    skipped = rec.get("skipped", [])
+    if options.strict:
+        refuse_skips(f"scaffold.{kind}", skipped)
     return _saved(scaffolded, out, ScaffoldResult, input=str(input_path), before=before, summary=rec["summary"],
-                  checks=rec["checks"], scaffold_params=rec["params"], scaffolds=len(scaffolded.scaffolds()))
+                  skipped=skipped, checks=rec["checks"], scaffold_params=rec["params"],
+                  scaffolds=len(scaffolded.scaffolds()))
 
 
 def scaffold_hrf(input_path, output, options: ScaffoldHrfOptions = ScaffoldHrfOptions(),
@@ -160,37 +187,56 @@ def scaffold_binary(input_path, output, options: ScaffoldBinaryOptions = Scaffol
     return scaffold("binary", input_path, output, options, progress)
 
 
-def fold(input_path: str | Path, output: str | Path | None = None, options: FoldOptions = FoldOptions(),
-         progress=None) -> FoldResult:
-    model = load(input_path, options.arch)
-    out = _out_path(input_path, output, ".folded.pt")
-    before = _model_summary(model)
+def fold_model(model, progress=None) -> tuple:
+    """Every fold (:func:`fold_passes`) on an in-memory model: ``(folded, records, summary, skipped)``; a
+    scaffold no fold removed is a skip (export would refuse the model)."""
     folded, records = run_passes(model, fold_passes(), progress=progress)
     applied = [r for r in records if r["modified"]]
+    skipped = [s for r in records for s in r.get("skipped", [])] + [
+        skip(n, f"{m.kind} scaffold ({type(m).__name__}) has no fold that applies; export will refuse the model")
+        for n, m in folded.scaffolds()]
     summary = ("; ".join(r["summary"] for r in applied) if applied else
                "nothing to fold: no BatchNorm after a Conv/Linear and no training scaffolds")
+    if skipped and not any(r.get("skipped") for r in applied):  # else the applied pass's summary counts them
+        summary += f"; {len(skipped)} skipped"
+    return folded, records, summary, skipped
+
+
+def fold(input_path: str | Path, output: str | Path | None = None, options: FoldOptions = FoldOptions(),
+         progress=None) -> FoldResult:
+    model = load(input_path, options)
+    out = _out_path(input_path, output, ".folded.pt")
+    before = _model_summary(model)
+    folded, records, summary, skipped = fold_model(model, progress)
     passes = [{"pass": r["pass"], "modified": r["modified"], "summary": r["summary"], "checks": r["checks"]}
               for r in records]
-    return _saved(folded, out, FoldResult, input=str(input_path), before=before, folded=bool(applied),
-                  passes=passes, summary=summary, scaffolds_left=len(folded.scaffolds()))
+    if options.strict:
+        refuse_skips("fold", skipped)
+    return _saved(folded, out, FoldResult, input=str(input_path), before=before,
+                  folded=any(r["modified"] for r in records), passes=passes, summary=summary, skipped=skipped,
+                  scaffolds_left=len(folded.scaffolds()))
 
 
 def export(input_path: str | Path, output: str | Path | None = None,
            options: ExportOptions = ExportOptions()) -> ExportResult:
     """Verified ONNX; ``weights`` auto|fp32|int2 (auto: INT2 where the graph has ternary/binary layers),
     ``forms`` measure|dq|matmulnbits (how INT2 Linear layers are stored; measure = fastest per layer)."""
+    model = load(input_path, options)
+    return export_model(model, _out_path(input_path, output, ".onnx"), options, input_label=str(input_path))
+
+
+def export_model(model, out: Path, options: ExportOptions, input_label: str | None = None) -> ExportResult:
+    """Export an in-memory ``Model`` to ``out`` (already checked as an output path), verified, atomically."""
     from edgec.onnx.export import export as export_onnx
 
-    model = load(input_path, options.arch)
-    out = _out_path(input_path, output, ".onnx")
     data, record = export_onnx(model, opset=options.opset, weights=options.weights, forms=options.forms)
     atomic_write(out, data)
     parity = record["checks"]["ort_parity"]
     lowbit = record.get("lowbit") or {}
-    return ExportResult(input=str(input_path), output=str(out), file_bytes=len(data),
+    return ExportResult(input=input_label, output=str(out), file_bytes=len(data),
                         sha256=hashlib.sha256(data).hexdigest(), opset=record["params"]["opset"],
                         weights=record["params"]["weights"], params=model.param_count(), checks=record["checks"],
-                        max_rel_error=parity["rel_error"], passes=len(model.provenance) + 1,
+                        max_rel_error=parity["rel_error"], provenance_records=len(model.provenance) + 1,
                         size=record.get("size"), lowbit_layers=lowbit.get("layers"),
                         fp32_layers=lowbit.get("fp32_layers"))
 
@@ -212,7 +258,7 @@ def evaluate(input_path: str | Path, options: EvalOptions, progress=None) -> Eva
 
     o = options
     return EvalResult(run_eval(input_path, o.data, split=o.split, threads=o.threads, latency_batch=o.latency_batch,
-                               latency=not o.no_latency, arch=o.arch, n_mels=o.n_mels, frames=o.frames,
+                               latency=not o.no_latency, arch=o, n_mels=o.n_mels, frames=o.frames,
                                progress=progress))
 
 
@@ -238,7 +284,7 @@ def profile(input_path: str | Path, output: str | Path | None = None, options: P
     measured on the target device instead (key checked)."""
     from edgec.latency import table as tbl
 
-    model = load(input_path, options.arch)
+    model = load(input_path, options)
     out = _out_path(input_path, output, ".latency.json")
     result = _latency_table(model, options, progress)
     cache = result.pop("_cache", {})
@@ -267,4 +313,4 @@ def prune(input_path: str | Path, output: str | Path | None, options: PruneOptio
 def inspect(path: str | Path, options: InspectOptions = InspectOptions()) -> CheckpointInfo | OnnxInfo:
     from edgec.app.inspection import inspect_file
 
-    return inspect_file(path, arch=options.arch)
+    return inspect_file(path, arch=options)

@@ -14,7 +14,15 @@ import typer
 from edgec import __version__
 from edgec.app import render as r
 from edgec.app.params import cli_parameters, from_cli, option_fields
-from edgec.core.errors import EXIT_INTERNAL, EdgecError
+from edgec.core.errors import (
+    EXIT_BUDGET_INFEASIBLE,
+    EXIT_BUDGET_MISSED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    CheckFailed,
+    EdgecError,
+    first_line,
+)
 from edgec.core.options import (
     EvalOptions,
     ExportOptions,
@@ -26,16 +34,23 @@ from edgec.core.options import (
     ScaffoldBinaryOptions,
     ScaffoldHrfOptions,
     ScaffoldTernaryOptions,
+    SourceOptions,
     ZooCreateOptions,
 )
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+PROG = "edgec"
+# `-h` as well as `--help` everywhere (sub-contexts inherit it; set on each group all the same).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+# Shell completion: `edgec --install-completion` / `--show-completion`; the shell calls back with
+# _EDGEC_COMPLETE set, answered before any command runs (so without importing torch).
+app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, context_settings=CONTEXT,
                   help="edgec: PyTorch checkpoints → small, fast, verified ONNX artifacts.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list and create models.")
-import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints from other formats.")
+zoo_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT, help="The model zoo: list and create models.")
+import_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT, help="Import checkpoints from other formats.")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(import_app, name="import")
-scaffold_app = typer.Typer(no_args_is_help=True, help="Insert training-time scaffolds (folded back by `edgec fold`).")
+scaffold_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT,
+                           help="Insert training-time scaffolds (folded back by `edgec fold`).")
 app.add_typer(scaffold_app, name="scaffold")
 
 STATE = {"debug": bool(os.environ.get("EDGEC_DEBUG"))}
@@ -138,6 +153,25 @@ def import_hf(
     with r.spinner(f"importing {folder}", not as_json):
         res = api.import_hf(folder, output)
     show(res, as_json, r.imported_table)
+
+
+@import_app.command("torch")
+@with_options(SourceOptions)
+def import_torch(
+    file: Annotated[Path, typer.Argument(help="state_dict .pt/.pth, .safetensors, Lightning .ckpt, or a pickled "
+                                              "module (with --trust-pickle).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
+    opts: SourceOptions,
+    as_json: JsonOpt = False,
+):
+    """Import a PyTorch checkpoint into --arch (your class) and write an edgec checkpoint once."""
+    from edgec.app import api
+
+    with r.spinner(f"importing {file}", not as_json):
+        res = api.import_torch(file, output, opts)
+    show(res, as_json, lambda res: r.kv_table("imported", [
+        ("output", res["output"]), ("arch", res["arch"]), ("params", r.human_count(res["params"])),
+        ("config", json.dumps(res["config"])), ("digest", res["digest"][:16])]))
 
 
 # --- passes ----------------------------------------------------------------------------------------
@@ -337,31 +371,62 @@ def _click_classes(name: str) -> tuple:
 _EXIT, _CLICK_ERRORS, _ABORT = (_click_classes(n) for n in ("Exit", "ClickException", "Abort"))
 
 
+ERROR_SCHEMA = "edgec.error/1"
+
+
+def fail(kind: str, message: str, exit_code: int, as_json: bool) -> None:
+    """Exit with ``exit_code``; under ``--json`` stdout gets exactly one error object (docs/json.md). The
+    human message has already gone to stderr."""
+    if as_json:
+        r.print_json({"schema": ERROR_SCHEMA, "error": r.plain(message), "exit_code": exit_code, "kind": kind})
+    sys.exit(exit_code)
+
+
+def _error_kind(exc: EdgecError) -> str:
+    if isinstance(exc, CheckFailed):
+        return "check"
+    return "budget" if exc.exit_code in (EXIT_BUDGET_INFEASIBLE, EXIT_BUDGET_MISSED) else "input"
+
+
+COMPLETE_VAR = "_EDGEC_COMPLETE"
+
+
+def _accept_click_completion_style() -> None:
+    """Click documents ``_EDGEC_COMPLETE=bash_source``; typer reads ``source_bash``: accept both."""
+    shell, _, instruction = os.environ.get(COMPLETE_VAR, "").partition("_")
+    if shell in ("bash", "zsh", "fish", "powershell", "pwsh") and instruction in ("source", "complete"):
+        os.environ[COMPLETE_VAR] = f"{instruction}_{shell}"
+
+
 def main() -> None:
-    """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
-    debug = STATE["debug"] or "--debug" in sys.argv[1:]
+    """Console entry point: one-line errors and documented exit codes instead of tracebacks; under
+    ``--json`` each error is also one JSON object on stdout."""
+    args = sys.argv[1:]
+    debug = STATE["debug"] or "--debug" in args
+    as_json = "--json" in args
+    _accept_click_completion_style()
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, prog_name=PROG, complete_var=COMPLETE_VAR, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _CLICK_ERRORS as exc:  # usage errors (unknown option or command, missing argument): exit 2
         exc.show()
-        sys.exit(exc.exit_code)
+        fail("usage", exc.format_message(), exc.exit_code, as_json)
     except (*_ABORT, KeyboardInterrupt):
         r.err_console.print("interrupted")
-        sys.exit(130)
+        fail("interrupted", "interrupted", EXIT_INTERRUPTED, as_json)
     except EdgecError as exc:
         if debug:
             raise
         r.error_line("error", str(exc))
-        sys.exit(exc.exit_code)
+        fail(_error_kind(exc), str(exc), exc.exit_code, as_json)
     except Exception as exc:  # a bug: still one line, with a way to get the traceback
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        r.error_line("internal error", f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)")
-        sys.exit(EXIT_INTERNAL)
+        message = f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"
+        r.error_line("internal error", message)
+        fail("internal", message, EXIT_INTERNAL, as_json)
 
 
 if __name__ == "__main__":

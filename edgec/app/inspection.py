@@ -58,11 +58,11 @@ def bits_summary(rows: list[dict]) -> dict:
 
 
 def inspect_checkpoint(path: Path, arch: str | None = None) -> CheckpointInfo:
-    model = load_checkpoint(path, arch=arch)
+    model = load_checkpoint(path, arch)  # arch: a str or SourceOptions
     modules = Counter(type(m).__name__ for n, m in model.gm.named_modules() if n and not list(m.children()))
     layers = layer_bits(model.gm)
     return CheckpointInfo(
-        kind="checkpoint", file=path.name, file_bytes=path.stat().st_size,
+        kind="checkpoint", input=path.name, file_bytes=path.stat().st_size,
         arch=model.arch, config=model.config, params=model.param_count(), bytes=model.nbytes(),
         digest=model.digest(), spec=model.spec.to_json(), modules=dict(sorted(modules.items())),
         scaffolds=[{"module": n, "kind": m.kind, "folded_by": m.folded_by} for n, m in model.scaffolds()],
@@ -90,7 +90,7 @@ def inspect_onnx(path: Path) -> OnnxInfo:
 
     provenance = read_provenance(proto) or {}
     return OnnxInfo(
-        kind="onnx", file=path.name, file_bytes=path.stat().st_size,
+        kind="onnx", input=path.name, file_bytes=path.stat().st_size,
         ir_version=proto.ir_version, opsets={o.domain or "ai.onnx": o.version for o in proto.opset_import},
         producer=f"{proto.producer_name} {proto.producer_version}".strip(),
         inputs=io(proto.graph.input), outputs=io(proto.graph.output),

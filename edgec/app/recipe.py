@@ -87,6 +87,9 @@ STEPS: dict[str, StepDef] = {
     "inspect": StepDef("inspect", InspectOptions, ("input",)),
 }
 
+# JSON schemas (docs/json.md) of `edgec run --dry-run --json` and of report.json / `edgec run --json`.
+PLAN_SCHEMA, REPORT_SCHEMA = "edgec.run.plan/1", "edgec.run/1"
+
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
                list: "a list of strings", dict: "a table"}
 
@@ -122,7 +125,7 @@ class Plan:
     steps: list[Step]
 
     def describe(self) -> dict:
-        return {"recipe": self.recipe.name, "name": self.name, "out_dir": str(self.out_dir),
+        return {"schema": PLAN_SCHEMA, "recipe": self.recipe.name, "name": self.name, "out_dir": str(self.out_dir),
                 "steps": [{"run": s.run, "params": s.raw} for s in self.steps]}
 
 
@@ -245,7 +248,8 @@ def execute(plan: Plan, progress=None) -> dict:
 
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     task = progress.add_task(f"recipe {plan.name}", total=len(plan.steps)) if progress else None
-    report = {"recipe": plan.name, "out_dir": str(plan.out_dir), "status": "ok", "exit_code": 0, "steps": []}
+    report = {"schema": REPORT_SCHEMA, "recipe": plan.recipe.name, "name": plan.name, "out_dir": str(plan.out_dir),
+              "status": "ok", "exit_code": 0, "steps": []}
     for i, step in enumerate(plan.steps, 1):
         if progress:
             progress.update(task, description=f"step {i}/{len(plan.steps)}: {step.run}")

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -63,10 +67,95 @@ def rows_table(title: str, columns: list[str], rows: list[list]) -> Table:
     return table
 
 
+# Progress when stderr is not a terminal (CI logs): plain lines, never control characters, elapsed seconds
+# rather than wall-clock times (logs stay comparable between runs). EDGEC_PROGRESS_INTERVAL: heartbeat seconds.
+LOG_INTERVAL_S = float(os.environ.get("EDGEC_PROGRESS_INTERVAL") or 5)
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> str:
+    """``text`` on one line without escape sequences or control characters."""
+    return " ".join(_ESCAPES.sub(" ", str(text)).split())
+
+
+class LogLines:
+    """Progress as plain stderr lines: one when the step changes (``step``), and the current status again
+    every ``interval`` seconds while nothing else was printed (``update`` only changes that status)."""
+
+    def __init__(self, prefix: str, interval: float | None = None):
+        self.prefix, self.interval = plain(prefix), interval or LOG_INTERVAL_S
+        self.status = ""
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def __enter__(self):
+        self.step("")
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.done.set()
+        self.thread.join()
+        if exc_type is None:
+            self.step("done")
+
+    def _write(self) -> None:
+        """One line (the lock held): prefix, status, seconds since the start."""
+        self.last = time.monotonic()
+        text = self.prefix + (f": {self.status}" if self.status else "")
+        sys.stderr.write(f"{text} [{self.last - self.start:.0f} s]\n")
+        sys.stderr.flush()
+
+    def step(self, status: str) -> None:
+        with self.lock:
+            self.status = plain(status)
+            self._write()
+
+    def update(self, status: str) -> None:
+        with self.lock:
+            self.status = plain(status)
+
+    def _heartbeat(self) -> None:
+        while not self.done.wait(min(1.0, self.interval)):
+            with self.lock:
+                if time.monotonic() - self.last >= self.interval:
+                    self._write()
+
+
+class _LogTasks:
+    """The part of rich's ``Progress`` that the recipe runner uses, as log lines."""
+
+    def __init__(self, log: LogLines):
+        self.log = log
+
+    def add_task(self, description: str, **_) -> int:
+        self.log.step(description)
+        return 0
+
+    def update(self, _task, description: str | None = None, **_) -> None:
+        if description:
+            self.log.step(description)
+
+    def advance(self, _task, advance: int = 1) -> None:
+        pass
+
+
+def logging_progress() -> bool:
+    """True when progress goes to logs (stderr is not a terminal) rather than to a live display."""
+    return not err_console.is_terminal
+
+
 @contextlib.contextmanager
 def spinner(text: str, enabled: bool = True):
-    """A live indicator for one long step (stderr, so --json stdout stays clean)."""
-    if not enabled or not err_console.is_terminal:
+    """A live indicator for one long step on stderr (so --json stdout stays clean); in logs (stderr not a
+    terminal) plain lines instead, also under --json. ``enabled=False`` turns off only the live display."""
+    if logging_progress():
+        with LogLines(text) as log:
+            yield log.step
+        return
+    if not enabled:
         yield lambda *_: None
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -77,6 +166,11 @@ def spinner(text: str, enabled: bool = True):
 
 @contextlib.contextmanager
 def progress_bar(text: str, total: int, enabled: bool = True):
+    """A bar over ``total`` steps (rich ``Progress``); in logs, plain lines (see ``spinner``)."""
+    if logging_progress():
+        with LogLines(text) as log:
+            yield _LogTasks(log)
+        return
     if not enabled:
         yield None
         return
@@ -133,7 +227,7 @@ def _short(v) -> str:
 
 def eval_table(res: dict) -> Table:
     """One evaluation as a table (the same rows whatever the file format)."""
-    rows = [("file", f"{res['file']} ({res['format']}, {human_bytes(res['file_bytes'])})"),
+    rows = [("file", f"{res['input']} ({res['kind']}, {human_bytes(res['file_bytes'])})"),
             ("data", f"{res['data']} — split {res['split']}, n={res['n']}" + (f" ({res['split_note']})" if res.get("split_note") else ""))]
     for k, v in res["metrics"].items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
@@ -148,20 +242,25 @@ def eval_table(res: dict) -> Table:
         rows.append(("latency", res.get("latency_note") or "-"))
     for note in res.get("notes") or []:
         rows.append(("note", note))
-    return kv_table(f"eval {res['file']}", rows)
+    return kv_table(f"eval {res['input']}", rows)
 
 
 class TrainProgress:
-    """Turns edgec.train progress events into a rich progress bar with loss and the validation metric."""
+    """Turns edgec.train progress events into a rich progress bar with loss and the validation metric; in
+    logs (stderr not a terminal) into plain lines: each epoch, and the current step every few seconds."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.progress = None
+        self.to_log = False
+        self.log = None  # LogLines from the "start" event on (only the main process of a DDP run emits events)
         self.task = None
         self.last = ""
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and logging_progress():
+            self.to_log = True
+        elif self.enabled:
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
                                      TextColumn("{task.fields[status]}"), console=err_console)
@@ -171,8 +270,12 @@ class TrainProgress:
     def __exit__(self, *exc):
         if self.progress:
             self.progress.__exit__(*exc)
+        if self.log:
+            self.log.__exit__(*exc)
 
     def __call__(self, event: dict) -> None:
+        if self.to_log:
+            return self._log_event(event)
         if not self.progress:
             return
         kind = event.get("event")
@@ -187,10 +290,27 @@ class TrainProgress:
             m = event["monitor"]
             self.last = f" | val {m} {event['val'][m]:.4f} (best epoch {event['best_epoch']})"
             self.progress.update(self.task, status=f"train loss {event['train_loss']:.4f}{self.last}")
-            self.progress.console.print(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
-                                        + ", ".join(f"val {k} {v:.4f}" for k, v in event["val"].items()
-                                                    if isinstance(v, float) and k != "wa")
-                                        + (" *" if event["is_best"] else ""), highlight=False)
+            self.progress.console.print(epoch_line(event), highlight=False)
+
+    def _log_event(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self.log = self.log or LogLines("fine-tuning").__enter__()
+            self.log.step(f"{event['total_steps']} steps from epoch {event['start_epoch']}")
+        elif self.log is None:
+            return
+        elif kind == "step":
+            self.log.update(f"epoch {event['epoch']}/{event['epochs']}, step {event['global_step']}, "
+                            f"loss {event['loss']:.4f}")
+        elif kind == "epoch":
+            self.log.step(epoch_line(event))
+
+
+def epoch_line(event: dict) -> str:
+    """One line per finished epoch: train loss, the validation metrics, ``*`` on a new best."""
+    return (f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
+            + ", ".join(f"val {k} {v:.4f}" for k, v in event["val"].items() if isinstance(v, float) and k != "wa")
+            + (" *" if event["is_best"] else ""))
 
 
 def finetune_table(res: dict) -> Table:
@@ -221,18 +341,39 @@ def profile_table(res: dict) -> Table:
     return table
 
 
-def prune_table(res: dict) -> Table:
+SKIPPED_SHOWN = 20  # longer skip lists are cut here (the JSON has them all)
+
+
+def skipped_table(skipped: list[dict], what: str = "layer") -> Table | None:
+    """The layers (or channel groups) a command left unchanged, with the reason; None when there are none."""
+    if not skipped:
+        return None
+    table = rows_table(f"skipped: {len(skipped)} {what}(s) left unchanged", [what, "reason"],
+                       [[s["layer"], s["reason"]] for s in skipped[:SKIPPED_SHOWN]])
+    if len(skipped) > SKIPPED_SHOWN:
+        table.caption = f"... and {len(skipped) - SKIPPED_SHOWN} more (--json lists all)"
+    return table
+
+
+def _with_skipped(table: Table, skipped: list[dict], what: str = "layer", *extra) -> Group:
+    return Group(*[x for x in (table, *extra, skipped_table(skipped, what)) if x is not None])
+
+
+def prune_table(res: dict) -> Group:
     rows = [("output", res["output"]), ("mode", res["mode"]), ("pattern", f"{res['pattern']} → {res['pattern_chosen']}"),
             ("budget", f"{res['budget_ms']:.3f} ms"), ("dense (measured)", f"{res['dense_ms']:.3f} ms"),
             ("estimated", f"{res['estimated_ms']:.3f} ms (latency-model error {res['model_error']:+.1%})"),
             ("measured", f"{res['measured_ms']:.3f} ms — speedup {res['speedup']:.2f}×"),
-            ("params", f"{human_count(res['params_before'])} → {human_count(res['params_after'])}"),
+            ("params", f"{human_count(res['before']['params'])} → {human_count(res['params'])}"),
             ("FLOP reduction", f"{res['flop_reduction']:.2f}×"), ("retries", res["retries"])]
     dens = res.get("densities") or {}
     if dens:
         rows.append(("densities", ", ".join(f"{k} {v:.2f}" for k, v in dens.items() if v < 1) or "all 1.0"))
     rows += [("note", n) for n in res.get("notes") or []]
-    return kv_table("prune", rows)
+    skipped = res.get("skipped") or []
+    changed = sum(1 for v in dens.values() if v < 1)
+    rows.append(("groups", f"{changed} changed, {len(skipped)} skipped"))
+    return _with_skipped(kv_table("prune", rows), skipped, "group")
 
 
 def _io_list(values: list[dict]) -> str:
@@ -243,9 +384,9 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{k}×{v}" for k, v in counts.items())
 
 
-def zoo_table(rows: list[dict]) -> Table:
+def zoo_table(res: dict) -> Table:
     return rows_table("edgec model zoo", ["name", "params", "inputs", "task", "description"], [
-        [x["name"], human_count(x["params"]), _io_list(x["inputs"]), x["task"], x["summary"]] for x in rows])
+        [x["name"], human_count(x["params"]), _io_list(x["inputs"]), x["task"], x["summary"]] for x in res["models"]])
 
 
 def created_table(name: str, res: dict) -> Table:
@@ -262,12 +403,12 @@ def imported_table(res: dict) -> Table:
         ("digest", res["digest"][:16])])
 
 
-def scaffold_table(res: dict) -> Table:
+def scaffold_table(res: dict) -> Group:
     rows = [("scaffold", res["summary"]),
             ("parameters", ", ".join(f"{k}={v}" for k, v in res["scaffold_params"].items())),
             ("params (training)", f"{human_count(res['before']['params'])} → {human_count(res['params'])}")]
     rows += [(f"check {k}", check_text(v)) for k, v in res["checks"].items()]
-    return kv_table("scaffold", rows + [("output", res["output"])])
+    return _with_skipped(kv_table("scaffold", rows + [("output", res["output"])]), res.get("skipped") or [])
 
 
 def fold_view(res: dict) -> Group:
@@ -276,9 +417,10 @@ def fold_view(res: dict) -> Group:
     table = kv_table("fold", rows + [
         ("params", f"{human_count(res['before']['params'])} → {human_count(res['params'])}"),
         ("output", res["output"])])
+    skipped = res.get("skipped") or []
     if res["folded"]:
-        return Group(table)
-    return Group(table, f"[yellow]{res['summary']}[/] (copied unchanged to {res['output']})")
+        return _with_skipped(table, skipped)
+    return _with_skipped(table, skipped, "layer", f"[yellow]{res['summary']}[/] (copied unchanged to {res['output']})")
 
 
 def _lowbit_rows(res: dict) -> list[tuple]:
@@ -298,7 +440,7 @@ def export_table(res: dict) -> Table:
     if res.get("size"):
         rows += _lowbit_rows(res)
     rows += [("params", human_count(res["params"])), ("sha256", res["sha256"][:16]),
-             ("provenance", f"{res['passes']} record(s) in metadata 'edgec.provenance'")]
+             ("provenance", f"{res['provenance_records']} record(s) in metadata 'edgec.provenance'")]
     for name, p in parity["parity"].items():
         rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", check_text(p | {
             "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
@@ -306,7 +448,7 @@ def export_table(res: dict) -> Table:
 
 
 def _inspect_rows(res: dict) -> list[tuple]:
-    file = ("file", f"{res['file']} ({human_bytes(res['file_bytes'])})")
+    file = ("file", f"{res['input']} ({human_bytes(res['file_bytes'])})")
     if res["kind"] == "onnx":
         return [file, ("producer", res["producer"]), ("arch", res["arch"] or "-"),
                 ("IR / opsets", f"{res['ir_version']} / {res['opsets']}"),
@@ -323,7 +465,7 @@ def _inspect_rows(res: dict) -> list[tuple]:
 
 def inspect_view(res: dict, layers: bool = False) -> Group:
     """The file's summary, its weight layers (``layers``, checkpoints only) and its provenance tree."""
-    parts = [kv_table(f"inspect {res['file']}", _inspect_rows(res))]
+    parts = [kv_table(f"inspect {res['input']}", _inspect_rows(res))]
     if layers and res["kind"] == "checkpoint":
         parts.append(rows_table("layers", ["layer", "type", "bits", "weights", "group", "act"], [
             [x["layer"], x["type"], x["bits"], f"{x['weights']:,}", x.get("group_size", "-"), x.get("act", "-")]
@@ -368,7 +510,7 @@ def step_details(run: str, res: dict) -> str:
 
 def report_view(report: dict) -> Group:
     """A recipe run's report: one row per step, then where the report and the last artifact are."""
-    table = Table(title=f"recipe {report['recipe']}: {report['status']}", title_justify="left")
+    table = Table(title=f"recipe {report['name']}: {report['status']}", title_justify="left")
     for col in ("#", "step", "status", "s", "output", "details"):
         table.add_column(col)
     for e in report["steps"]:

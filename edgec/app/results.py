@@ -1,18 +1,26 @@
-"""Typed results of the API calls; ``to_dict()`` gives the JSON that ``--json`` prints and report.json holds."""
+"""Typed results of the API calls; ``to_dict()`` gives the JSON that ``--json`` prints and report.json holds.
+Each class names its schema (``SCHEMA``); docs/json.md documents every key (tests/unit/test_json_schemas.py
+keeps the two in step)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from edgec.core.result import Result
 
 
-class Result:
-    """Base of the result dataclasses: ``to_dict()`` is the fields in declaration order."""
+@dataclass(frozen=True)
+class ZooListResult(Result):
+    """``edgec zoo list``: one row per architecture."""
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    SCHEMA = "edgec.zoo.list/1"
+
+    models: list
 
 
 @dataclass(frozen=True)
 class SavedCheckpoint(Result):
+    SCHEMA = "edgec.checkpoint/1"
+
     output: str
     arch: str
     params: int
@@ -23,20 +31,27 @@ class SavedCheckpoint(Result):
 
 @dataclass(frozen=True)
 class ZooCreateResult(SavedCheckpoint):
+    SCHEMA = "edgec.zoo.create/1"
+
     config: dict
     seed: int
 
 
 @dataclass(frozen=True)
 class ImportResult(SavedCheckpoint):
+    SCHEMA = "edgec.import/1"
+
     config: dict
 
 
 @dataclass(frozen=True)
 class ScaffoldResult(SavedCheckpoint):
+    SCHEMA = "edgec.scaffold/1"
+
     input: str
     before: dict
     summary: str
+    skipped: list  # [{"layer", "reason"}]: weight layers the scaffold left full precision, and why
     checks: dict
     scaffold_params: dict
     scaffolds: int
@@ -44,16 +59,21 @@ class ScaffoldResult(SavedCheckpoint):
 
 @dataclass(frozen=True)
 class FoldResult(SavedCheckpoint):
+    SCHEMA = "edgec.fold/1"
+
     input: str
     before: dict
     folded: bool
     passes: list
     summary: str
+    skipped: list  # [{"layer", "reason"}]: BatchNorms and scaffolds no fold could handle, and why
     scaffolds_left: int
 
 
 @dataclass(frozen=True)
 class ExportResult(Result):
+    SCHEMA = "edgec.export/1"
+
     input: str
     output: str
     file_bytes: int
@@ -63,7 +83,7 @@ class ExportResult(Result):
     params: int
     checks: dict
     max_rel_error: float
-    passes: int
+    provenance_records: int
     size: dict | None
     lowbit_layers: list | None
     fp32_layers: list | None
@@ -71,6 +91,8 @@ class ExportResult(Result):
 
 @dataclass(frozen=True)
 class ProfileResult(Result):
+    SCHEMA = "edgec.profile/1"
+
     input: str
     output: str
     key: dict
@@ -88,18 +110,22 @@ class ProfileResult(Result):
 class EvalResult(Result):
     """The evaluation protocol's report (edgec.evaluation.evaluate), kept as the dict it returns."""
 
+    SCHEMA = "edgec.eval/1"
+
     report: dict
 
     def to_dict(self) -> dict:
-        return self.report
+        return {"schema": self.SCHEMA, **self.report}
 
 
 @dataclass(frozen=True)
 class CheckpointInfo(Result):
     """``edgec inspect`` of a .pt checkpoint."""
 
+    SCHEMA = "edgec.inspect.checkpoint/1"
+
     kind: str
-    file: str
+    input: str
     file_bytes: int
     arch: str
     config: dict
@@ -119,8 +145,10 @@ class CheckpointInfo(Result):
 class OnnxInfo(Result):
     """``edgec inspect`` of an ONNX file."""
 
+    SCHEMA = "edgec.inspect.onnx/1"
+
     kind: str
-    file: str
+    input: str
     file_bytes: int
     ir_version: int
     opsets: dict

@@ -76,10 +76,11 @@ class Model:
     spec: InputSpec
     passes: list = field(default_factory=list)  # structural pass records: {"pass", "version", "params"}
     provenance: list = field(default_factory=list)  # every record, including checks and digests
+    capture: dict = field(default_factory=dict)  # how gm was captured from the module (edgec.models.capture)
 
     def clone(self) -> Model:
         return Model(copy.deepcopy(self.gm), self.arch, copy.deepcopy(self.config), self.spec,
-                     copy.deepcopy(self.passes), copy.deepcopy(self.provenance))
+                     copy.deepcopy(self.passes), copy.deepcopy(self.provenance), copy.deepcopy(self.capture))
 
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.gm.state_dict().items()}

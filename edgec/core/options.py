@@ -23,12 +23,28 @@ from dataclasses import dataclass, field
 from edgec.core.errors import EdgecError
 
 # Shared help texts
-_ARCH_HELP = "Architecture for a bare state_dict or a user class: zoo name or package.module:Class."
+_ARCH_HELP = ("Architecture: a zoo name, path/to/file.py:Class or package.module:Class (default: the project "
+              "file's).")
+_STRICT = "Exit 2 when any layer is skipped (CI)."
 DISTILL_MODES = ("none", "logits", "off")  # the same tuple as edgec.train.loop.DISTILL_MODES
 
 
 def _opt(default, help: str | None, **meta):
     return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Where the model's code and example inputs come from; every command that reads a checkpoint takes these
+    (first in its options). ``None`` = the project file's default (``[tool.edgec]``), else the checkpoint's."""
+
+    arch: str | None = _opt(None, _ARCH_HELP)
+    arch_config: str | dict | None = _opt(None, "Constructor arguments of --arch: JSON text or a .json file.")
+    input_shape: list[str] | None = _opt(None, "Example input NAME=1x3x32x32[:dtype] (repeatable; a letter marks a "
+                                               "dynamic axis, e.g. x=Bx3x32x32, idx=1xT=64:int64). Also the "
+                                               "shape profile/prune measure at.")
+    trust_pickle: bool = _opt(False, "Allow a checkpoint that is a whole pickled module (runs its code: only "
+                                     "for files you trust).", recipe=False)
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
-class FinetuneOptions:
+class FinetuneOptions(SourceOptions):
     """``edgec finetune MODEL --data D -o OUT``: the training run's options."""
 
     data: str = _opt(None, "Audio folder with labels.csv, tensor file or package.module:function.", required=True)
@@ -77,7 +93,6 @@ class FinetuneOptions:
     n_mels: int | None = _opt(None, "Log-mel bins for audio data (default: the model's).")
     frames: int | None = _opt(None, "Frames per clip for audio data (default 200).")
     val_fraction: float | None = _opt(None, "Held-out fraction when the data has no val split.")
-    arch: str | None = _opt(None, _ARCH_HELP)
 
     @property
     def data_options(self) -> DataOptions:
@@ -95,8 +110,10 @@ class FinetuneOptions:
 
 
 @dataclass(frozen=True)
-class PruneOptions:
+class PruneOptions(SourceOptions):
     """``edgec prune MODEL -o OUT``: ALCS under a measured latency budget (exactly one of the two budgets)."""
+
+    strict: bool = _opt(False, _STRICT)
 
     latency_ms: float | None = _opt(None, "Budget: median ORT latency in ms.")
     latency_ratio: float | None = _opt(None, "Budget as a fraction of the dense model's measured latency (e.g. 0.6).")
@@ -107,7 +124,6 @@ class PruneOptions:
                                    "faster).")
     threads: int = _opt(1, "onnxruntime threads for the budget.")
     batch: int = _opt(1, "Batch size the budget applies to.")
-    input_shape: list[str] | None = _opt(None, "NAME=1x200x40 (as edgec profile).")
     admm_epochs: int = _opt(3, "ADMM rounds (with --data).")
     finetune_epochs: int = _opt(3, "Fine-tune epochs after the hard mask.")
     rho: float = _opt(1e-3, "ADMM penalty ρ.")
@@ -117,7 +133,6 @@ class PruneOptions:
     seed: int = _opt(0, "Seed.")
     n_mels: int | None = _opt(None, None)
     frames: int | None = _opt(None, None)
-    arch: str | None = _opt(None, _ARCH_HELP)
     # API-only (no CLI option, not recipe parameters)
     val_fraction: float | None = _opt(None, None, cli=None, recipe=False)
     batch_size: int = _opt(32, "Batch size of ADMM and fine-tuning.", cli=None, recipe=False)
@@ -181,20 +196,23 @@ class ZooCreateOptions:
 
 
 @dataclass(frozen=True)
-class ScaffoldHrfOptions:
+class ScaffoldHrfOptions(SourceOptions):
     """``edgec scaffold hrf MODEL``: the scaffold.hrf pass's parameters."""
+
+    strict: bool = _opt(False, _STRICT)
 
     expand: int = _opt(4, "K: H maps d → K·d.")
     include: list[str] | None = _opt(None, "Glob over FFN first-linear names (repeatable).")
     exclude: list[str] | None = _opt(None, "Glob to skip (repeatable).")
     init: str = _opt("default", "default (train from scratch) | preserve (function-preserving).")
     seed: int = _opt(0, "Seed for the inserted weights.")
-    arch: str | None = _opt(None, _ARCH_HELP)
 
 
 @dataclass(frozen=True)
-class ScaffoldTernaryOptions:
+class ScaffoldTernaryOptions(SourceOptions):
     """``edgec scaffold ternary MODEL``: STTN or DLT and their pass parameters."""
+
+    strict: bool = _opt(False, _STRICT)
 
     method: str = _opt("sttn", "sttn (two binary kernels, soft threshold) | dlt (learnable per-group scale and "
                                "shift).")
@@ -205,7 +223,6 @@ class ScaffoldTernaryOptions:
     exclude: list[str] | None = _opt(None, _EXCLUDE_HELP)
     keep_first_last: bool = _keep_first_last()
     seed: int | None = _opt(None, "Seed for STTN's latent split.")
-    arch: str | None = _opt(None, _ARCH_HELP)
 
     def validate(self) -> None:
         if self.method not in ("sttn", "dlt"):
@@ -215,8 +232,10 @@ class ScaffoldTernaryOptions:
 
 
 @dataclass(frozen=True)
-class ScaffoldBinaryOptions:
+class ScaffoldBinaryOptions(SourceOptions):
     """``edgec scaffold binary MODEL``: the scaffold.binary pass's parameters."""
+
+    strict: bool = _opt(False, _STRICT)
 
     activations: str = _opt("none", "none | binary (quantize layer inputs).")
     latent_weight: str | list[float] = _opt("0.5,0.5", "λ1,λ2: weights of the real-valued latent path's CE and "
@@ -224,29 +243,28 @@ class ScaffoldBinaryOptions:
     include: list[str] | None = _opt(None, _INCLUDE_HELP)
     exclude: list[str] | None = _opt(None, _EXCLUDE_HELP)
     keep_first_last: bool = _keep_first_last()
-    arch: str | None = _opt(None, _ARCH_HELP)
 
 
 @dataclass(frozen=True)
-class FoldOptions:
+class FoldOptions(SourceOptions):
     """``edgec fold MODEL``."""
 
-    arch: str | None = _opt(None, _ARCH_HELP)
+    strict: bool = _opt(False, _STRICT)
+
 
 
 @dataclass(frozen=True)
-class ExportOptions:
+class ExportOptions(SourceOptions):
     """``edgec export MODEL``: opset and how low-bit weights are stored."""
 
     opset: int | None = _opt(None, "ONNX opset (default 20; 25 with INT2 weights).")
     weights: str = _opt("auto", "auto (INT2 where the graph is ternary/binary) | fp32 | int2.")
     forms: str = _opt("measure", "INT2 Linear storage: measure (fastest per layer) | dq (DequantizeLinear) | "
                                  "matmulnbits.")
-    arch: str | None = _opt(None, _ARCH_HELP)
 
 
 @dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(SourceOptions):
     """``edgec eval MODEL --data D``: the evaluation protocol's options."""
 
     data: str = _opt(None, "Audio folder with labels.csv, tensor file (.pt/.npz/.safetensors) or "
@@ -257,28 +275,23 @@ class EvalOptions:
     no_latency: bool = _opt(False, "Skip the latency measurement.")
     n_mels: int | None = _opt(None, "Log-mel bins (default: the model's).")
     frames: int | None = _opt(None, "Frames per clip (default: as fine-tuned, else 200).")
-    arch: str | None = _opt(None, _ARCH_HELP)
 
 
 @dataclass(frozen=True)
-class ProfileOptions:
+class ProfileOptions(SourceOptions):
     """``edgec profile MODEL``: what to time, and where a table comes from."""
 
     threads: int = _opt(1, "onnxruntime intra-op threads (part of the table key).")
-    input_shape: list[str] | None = _opt(None, "NAME=1x200x40 (repeatable) or 1,200,40 for a single-input model; "
-                                               "default: the spec's traced shape at --batch.")
     batch: int = _opt(1, "Batch size when --input-shape is not given.")
     patterns: list[str] | None = _opt(None, "channel and/or simd:N (repeatable).", cli=("--pattern",))
     table: str | None = _opt(None, "Use a table measured on the target device.")
     plot: str | None = _opt(None, "Write per-unit latency bars to this PNG.")
     refresh: bool = _opt(False, "Measure again even if a cached table matches.")
-    arch: str | None = _opt(None, _ARCH_HELP)
     units: str = _opt("groups", None, cli=None, recipe=False)
 
 
 @dataclass(frozen=True)
-class InspectOptions:
+class InspectOptions(SourceOptions):
     """``edgec inspect FILE``."""
 
     layers: bool = _opt(False, "List every weight layer with its bit width.", recipe=False)
-    arch: str | None = _opt(None, _ARCH_HELP)

@@ -25,10 +25,37 @@ class PostconditionError(CheckFailed):
 
 @dataclass
 class PassResult:
+    """What a pass did. ``skipped``: the layers it looked at and left alone, each ``{"layer", "reason"}``, in
+    graph order, so that nothing a user might expect to change is left unchanged silently."""
+
     model: Model
     modified: bool
     checks: dict = field(default_factory=dict)
     summary: str = ""
+    skipped: list[dict] = field(default_factory=list)
+
+
+def skip(layer: str, reason: str, deliberate: bool = False) -> dict:
+    """One entry of ``PassResult.skipped``. ``deliberate``: the user's options (--exclude, --keep-first-last) or
+    a measurement (no latency saving) left the layer alone, rather than the pass being unable to handle it;
+    such skips are reported but do not trip ``--strict``."""
+    return {"layer": layer, "reason": reason, "deliberate": bool(deliberate)}
+
+
+def describe_skips(skipped: list[dict], limit: int = 3) -> str:
+    """``"a: why; b: why (+N more)"``: the first ``limit`` skips, for error messages."""
+    shown = "; ".join(f"{s['layer']}: {s['reason']}" for s in skipped[:limit])
+    return shown + (f" (+{len(skipped) - limit} more)" if len(skipped) > limit else "")
+
+
+def refuse_skips(what: str, skipped: list[dict]) -> None:
+    """``strict``: any layer the pass could not handle is an error (exit 2) that lists the first few; call
+    before writing. Deliberate skips (the user's selection, a measured no-saving) are not."""
+    forced = [s for s in skipped if not s.get("deliberate")]
+    if forced:
+        raise EdgecError(f"{what} could not handle {len(forced)} layer(s) and --strict is set: "
+                         f"{describe_skips(forced)}; nothing written (fix or exclude those layers, or drop --strict "
+                         "to accept the skips)")
 
 
 class Pass:
@@ -90,10 +117,14 @@ class PassManager:
             failed = {k: v for k, v in result.checks.items() if isinstance(v, dict) and v.get("passed") is False}
             if p.structural and result.modified:
                 out.passes.append(p.record())
+            skipped = {"skipped": list(result.skipped)} if result.skipped else {}
             record = provenance_record(p.name, p.version, dict(p.params), output=out, modified=result.modified,
-                                       summary=result.summary, input_digest=before_digest, checks=result.checks,
+                                       summary=result.summary, **skipped, input_digest=before_digest,
+                                       checks=result.checks,
                                        metrics={"before": before_metrics, "after": model_metrics(out)})
-            if result.modified:  # a no-op stays out of the artifact's history but is reported to the caller
+            # A no-op stays out of the artifact's history but is reported to the caller, unless it skipped
+            # something: what was left alone, and why, belongs to the artifact's story.
+            if result.modified or result.skipped:
                 out.provenance.append(record)
             records.append(record)
             if failed:

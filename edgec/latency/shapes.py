@@ -6,6 +6,7 @@ import re
 import numpy as np
 
 from edgec.core.errors import EdgecError
+from edgec.core.spec import parse_input_shape
 
 
 def resolve_shapes(spec, shapes=None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -63,11 +64,22 @@ def parse_input_shapes(spec, texts) -> dict[str, tuple[int, ...]] | None:
                 raise EdgecError(f"--input-shape '{text}': name the input (NAME=1x2x3); inputs: {', '.join(names)}")
             name, dims = names[0], text
         parts = [p for p in re.split(r"[x,×\s]+", dims.strip()) if p]
-        if not parts or not all(p.isdigit() for p in parts):
+        if parts and not all(p.isdigit() for p in parts):
+            parts = _example_sizes(spec, name.strip(), text)  # the example-input grammar: B, T=64, :dtype
+        if not parts or not all(str(p).isdigit() for p in parts):
             raise EdgecError(f"--input-shape '{text}': expected positive integers like 1x200x40")
         shapes[name.strip()] = tuple(int(p) for p in parts)
     resolve_shapes(spec, shapes)
     return shapes
+
+
+def _example_sizes(spec, name: str, text: str) -> list:
+    """Sizes from ``NAME=1xT=64[:dtype]`` (edgec.core.spec.parse_input_shape): a named dim without a size
+    takes the spec's traced size at that axis."""
+    _, dims, _ = parse_input_shape(text if "=" in str(text) else f"{name}={text}")
+    traced = next((t.shape() for t in spec.inputs if t.name == name), ())
+    return [str(d if isinstance(d, int) else d[1] if isinstance(d, tuple) else traced[i] if i < len(traced) else 1)
+            for i, d in enumerate(dims)]
 
 
 def make_inputs(spec, shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:

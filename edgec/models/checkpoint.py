@@ -1,23 +1,52 @@
-"""The one module that reads and writes edgec checkpoints.
+"""The one module that reads and writes edgec checkpoints, and reads the checkpoints PyTorch users have.
 
-A checkpoint is plain data, never code: ``{format, model: {arch, config}, passes, state_dict, provenance,
-digest}``, written atomically with ``torch.save`` and read with ``torch.load(weights_only=True)``; loading
-rebuilds the architecture and replays the structural passes. See docs/architecture.md#checkpoints.
+An edgec checkpoint is plain data, never code: ``{format, model: {arch, config, spec, capture}, passes,
+state_dict, provenance, digest}``, written atomically with ``torch.save`` and read with
+``torch.load(weights_only=True)``; loading rebuilds the architecture, captures it, replays the structural
+passes and loads the weights strictly. A stored user architecture is imported only when the command or the
+project file names it. Other forms (state_dict, safetensors, Lightning, a pickled module with
+``trust_pickle``) are loaded into the eager module built from ``--arch``, then captured. See
+docs/architecture.md#checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
 from pathlib import Path
 
 import torch
 
-from edgec import models
 from edgec.core.errors import EdgecError, first_line
 from edgec.core.fileio import atomic_write, read_data, serialize
-from edgec.core.graph import Model, trace
+from edgec.core.graph import Model
 from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
+from edgec.core.spec import spec_from_dict, spec_to_dict
+from edgec.models.capture import capture
+from edgec.models.source import (
+    ZOO,
+    Source,
+    accepted,
+    build,
+    example_spec,
+    full_config,
+    resolve,
+    same_arch,
+    source_from,
+    split_arch,
+    stored_arch,
+)
 
 FORMAT = "edgec.checkpoint/1"
+_FX_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
+_BULKY = ("name_map",)  # re-derived by every capture; not worth storing
+_ARCH_HINT = "pass --arch path/to/file.py:Class (or package.module:Class, or a zoo name)"
+
+
+def capture_summary(record: dict | None) -> dict:
+    """The capture record without its bulky parts (what checkpoints and provenance keep)."""
+    return {k: v for k, v in (record or {}).items() if k not in _BULKY}
 
 
 def save_checkpoint(model, path: str | Path) -> str:
@@ -25,7 +54,8 @@ def save_checkpoint(model, path: str | Path) -> str:
     digest = model.digest()
     container = {
         "format": FORMAT,
-        "model": {"arch": model.arch, "config": model.config},
+        "model": {"arch": model.arch, "config": model.config, "spec": spec_to_dict(model.spec),
+                  "capture": capture_summary(model.capture)},
         "passes": model.passes,
         "state_dict": model.state_dict(),
         "provenance": model.provenance,
@@ -35,67 +65,284 @@ def save_checkpoint(model, path: str | Path) -> str:
     return digest
 
 
-def _describe_non_checkpoint(obj) -> str:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return (f"a bare state_dict ({len(obj)} tensors), not an edgec checkpoint; "
-                "pass --arch NAME or --arch package.module:Class to load it into an architecture")
+# --- building a Model from code ---------------------------------------------------------------------
+
+def output_names(module, spec, arch: str) -> tuple[str, ...]:
+    """Run the eager module once on the spec's sample: "logits" for one output, else output_0, output_1..."""
+    try:
+        with torch.no_grad():
+            out = module(*spec.sample(seed=0))
+    except Exception as exc:
+        shapes = ", ".join(f"{t.name}: {list(t.shape())} {t.dtype}" for t in spec.inputs)
+        raise EdgecError(f"{arch} failed on the example inputs ({shapes}): {type(exc).__name__}: "
+                         f"{first_line(exc)}; check --input-shape") from None
+    if isinstance(out, dict):
+        return tuple(str(k) for k, v in out.items() if isinstance(v, torch.Tensor))
+    outs = [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, (tuple, list)) else [out]
+    return ("logits",) if len(outs) == 1 else tuple(f"output_{i}" for i in range(len(outs)))
+
+
+def model_from_module(module, arch: str, config: dict, *, spec=None, input_shape=None, label: str | None = None):
+    """A ``Model`` from an eager module (weights already in it): example inputs from ``spec``, else
+    ``input_spec()``, else ``input_shape`` (outputs then named by running the module once); then captured."""
+    if spec is None:
+        spec = example_spec(module, input_shape, arch)
+        if not callable(getattr(module, "input_spec", None)):
+            spec = type(spec)(spec.inputs, outputs=output_names(module, spec, arch), task=spec.task,
+                              extra=spec.extra)
+    gm, record = capture(module.eval(), spec, label=label or arch)
+    return Model(gm.eval(), arch, config, spec, capture=capture_summary(record))
+
+
+def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: dict | None = None, *,
+              input_shape=None, base=None):
+    """A freshly initialised zoo (or user) model, deterministic in ``seed``."""
+    cfg = full_config(arch, overrides, base=base)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = build(arch, cfg, base=base)
+    stored = stored_arch(arch, base)
+    model = model_from_module(module, stored, cfg, input_shape=input_shape)
+    record = dict(origin or provenance_record("zoo.create", 1, {"arch": stored, "config": cfg, "seed": seed}))
+    record.pop("output_digest", None)
+    record["capture"] = model.capture
+    record["output_digest"] = model.digest()
+    model.provenance = [record]
+    return model
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path, source=None):
+    """Rebuild the model in ``path``. ``source``: a ``SourceOptions`` (or an arch string, or a resolved
+    ``Source``), merged with the project file. An edgec checkpoint rebuilds its stored architecture (a user
+    one only when trusted); any other form needs an arch and is imported (record ``import.torch``)."""
+    path = Path(path)
+    src = source if isinstance(source, Source) else source_from(source)
+    obj, form, notes = read_weights(path, src)
+    if form == "edgec":
+        return _load_edgec(path, obj, src)
+    if not src.arch:
+        raise EdgecError(f"{path} is {describe(obj, form)}")
+    return _import(path, obj, form, notes, src)
+
+
+def _load_edgec(path: Path, obj: dict, src: Source):
+    try:
+        stored = obj["model"]["arch"]
+        cfg = dict(obj["model"]["config"])
+        passes, state_dict = list(obj["passes"]), obj["state_dict"]
+        provenance = list(obj.get("provenance", []))
+        spec_data = obj["model"].get("spec")
+        spec = spec_from_dict(spec_data) if spec_data else None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise EdgecError(f"{path} is a damaged edgec checkpoint (missing {exc})") from None
+    arch, base = trusted_arch(path, stored, src)
+    check_finite(state_dict, path)
+    module = build(arch, cfg, base=base)
+    model = model_from_module(module, stored, cfg, spec=spec or example_spec(module, src.input_shape, stored))
+    model = replay(model, passes)
+    load_state_dict_strict(model.gm, state_dict, path)
+    model.provenance = provenance
+    model.gm.eval()
+    if obj.get("digest") and model.digest() != obj["digest"]:
+        raise EdgecError(f"{path} is corrupt: its content digest does not match the one stored in it")
+    return model
+
+
+def trusted_arch(path: Path, stored: str, src: Source) -> tuple[str, Path | None]:
+    """The arch to import for a checkpoint storing ``stored``, and where its relative file path starts. A
+    checkpoint never chooses code: a user architecture must be named by the command or the project file."""
+    if stored in ZOO:
+        if src.explicit and src.arch != stored:
+            raise EdgecError(f"{path} holds a '{stored}' model, not '{src.arch}'; drop --arch or pass --arch {stored}")
+        return stored, None
+    split_arch(stored)  # an unknown zoo name: raises, listing the zoo
+    candidates = ([(src.arch, src.base)] if src.arch else []) + list(src.trusted)
+    for arch, base in candidates:
+        if same_arch(arch, stored):
+            return arch, base
+    if src.explicit:
+        raise EdgecError(f"{path} holds a '{stored}' model, not '{src.arch}'; pass --arch with that class")
+    # Importing a module named inside a file would let the file choose code to run.
+    kind, target, _ = split_arch(stored)
+    hint = stored if kind != "file" or Path(target).is_file() else f"path/to/{stored}"
+    raise EdgecError(f"{path} uses the user architecture '{stored}'; pass --arch {hint} to allow importing it "
+                     "(or name it in the project file: arch or trusted)")
+
+
+def read_weights(path: Path, src: Source) -> tuple[object, str, dict]:
+    """``(object, form, notes)``; form: edgec | state_dict | safetensors | lightning | wrapped:KEY |
+    pickled-module | other."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), "safetensors", {}
+    notes: dict = {}
+    try:
+        obj = read_data(path)
+    except EdgecError as exc:
+        if "would import or run code" not in str(exc) or not _is_pickled_module(path, src.arch):
+            raise
+        if not src.trust_pickle:
+            raise EdgecError(f"{path} is a pickled module: loading it runs code from the file; pass --trust-pickle "
+                             "if you trust it, or save model.state_dict() instead") from None
+        obj, notes = _unpickle(path, src), {"trust_pickle": True}
+        if isinstance(obj, torch.nn.Module):
+            return obj.state_dict(), "pickled-module", notes
+    return obj, _form(obj, path), notes
+
+
+def _form(obj, path: Path) -> str:
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return "edgec"
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
+        raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
+    if _tensor_dict(obj):
+        return "state_dict"
+    if isinstance(obj, dict) and _tensor_dict(obj.get("state_dict")) and (
+            "pytorch-lightning_version" in obj or "hyper_parameters" in obj):
+        return "lightning"
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and _tensor_dict(obj.get(key)):
+            return f"wrapped:{key}"
+    return "other"
+
+
+def _tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def describe(obj, form: str) -> str:
+    """Why a file cannot load without an architecture, and what to do."""
+    if form == "state_dict":
+        return f"a bare state_dict ({len(obj)} tensors), not an edgec checkpoint; {_ARCH_HINT} to load it"
+    if form == "safetensors":
+        return f"a safetensors file ({len(obj)} tensors), not an edgec checkpoint; {_ARCH_HINT} to load it"
+    if form == "lightning":
+        return f"a Lightning checkpoint; {_ARCH_HINT} naming the model class inside the LightningModule"
+    if form.startswith("wrapped:") or form == "pickled-module":
+        return f"a {form.replace('wrapped:', 'dict holding a state_dict under ')}, not an edgec checkpoint; {_ARCH_HINT}"
     if isinstance(obj, dict):
         keys = ", ".join(sorted(map(str, obj))[:6])
         return f"not an edgec checkpoint (a dict with keys: {keys})"
     return f"not an edgec checkpoint (a {type(obj).__name__})"
 
 
-def load_checkpoint(path: str | Path, arch: str | None = None, config: dict | None = None):
-    """Rebuild the model: architecture from the zoo (or ``arch``), replay structural passes, load weights strictly.
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
 
-    With ``arch`` a bare state_dict is accepted and wrapped with that architecture (default config
-    updated by ``config``).
-    """
-    path = Path(path)
-    obj = read_data(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        try:
-            arch_name = arch or obj["model"]["arch"]
-            cfg = dict(obj["model"]["config"])
-            passes, state_dict = list(obj["passes"]), obj["state_dict"]
-            provenance = list(obj.get("provenance", []))
-        except (KeyError, TypeError) as exc:
-            raise EdgecError(f"{path} is a damaged edgec checkpoint (missing {exc})") from None
-        stored = obj["model"]["arch"]
-        if arch is not None and arch != stored:
-            raise EdgecError(f"{path} holds a '{stored}' model, not '{arch}'; drop --arch or pass --arch {stored}")
-        if arch is None and stored not in models.ZOO:
-            if ":" not in stored:
-                models.resolve(stored)  # raises: unknown architecture, listing the zoo
-            # Importing a module named inside a file would let the file choose code to run.
-            raise EdgecError(f"{path} uses the user architecture '{stored}'; "
-                             f"pass --arch {stored} to allow importing it")
-    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
-        raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
-    elif arch is not None and isinstance(obj, dict) and not _describe_non_checkpoint(obj).startswith("not"):
-        arch_name, cfg, passes, state_dict = arch, models.full_config(arch, config), [], obj
-        provenance = [provenance_record("import.state_dict", 1, {"arch": arch, "config": cfg, "source": path.name})]
-    else:
-        raise EdgecError(f"{path} is {_describe_non_checkpoint(obj)}")
+    if not path.is_file():
+        raise EdgecError(f"no such file: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise EdgecError(f"{path} is not a valid safetensors file ({first_line(exc)})") from None
 
+
+def _is_pickled_module(path: Path, arch: str | None) -> bool:
+    """Does the refused pickle hold an nn.Module (a torch.nn class, or the class --arch names)? Read from the
+    pickle's globals without running anything."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return False
+    cls = arch.rpartition(":")[2] if arch and ":" in arch else None
+    return any(n.startswith("torch.nn.modules.") or (cls and n.rpartition(".")[2] == cls) for n in names)
+
+
+def _unpickle(path: Path, src: Source):
+    if src.arch:
+        resolve(src.arch, base=src.base)  # the class's folder on sys.path, so the pickle can import it
+    print(f"warning: {path.name}: --trust-pickle: unpickling runs code from this file", file=sys.stderr)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        hint = "; it was saved from a script (__main__): save model.state_dict() instead" if "__main__" in str(exc) else ""
+        raise EdgecError(f"{path}: unpickling failed ({type(exc).__name__}: {first_line(exc)}){hint}") from None
+
+
+def _import(path: Path, obj, form: str, notes: dict, src: Source):
+    """A model from a non-edgec checkpoint: build ``--arch``, load the weights into the eager module, capture."""
+    if form == "other":
+        raise EdgecError(f"{path} is {describe(obj, form)}")
+    state_dict = obj["state_dict"] if form == "lightning" else obj[form[8:]] if form.startswith("wrapped:") else obj
     check_finite(state_dict, path)
-    module = models.build(arch_name, cfg)
-    model = Model(trace_or_error(module, arch_name), arch_name, cfg, module.input_spec())
-    model = replay(model, passes)
-    load_state_dict_strict(model.gm, state_dict, path)
-    model.provenance = provenance
-    model.gm.eval()
-    if isinstance(obj, dict) and obj.get("digest") and model.digest() != obj["digest"]:
-        raise EdgecError(f"{path} is corrupt: its content digest does not match the one stored in it")
+    overrides, fields = dict(src.arch_config or {}), dict(notes)
+    if form == "lightning":
+        keep, ignored = accepted(resolve(src.arch, base=src.base), obj.get("hyper_parameters") or {})
+        overrides = {**keep, **overrides}
+        fields["hyper_parameters_ignored"] = sorted(map(str, ignored))
+    cfg = full_config(src.arch, overrides, base=src.base)
+    module = build(src.arch, cfg, base=src.base)
+    state_dict, dropped = match_keys(state_dict, module.state_dict())
+    # a state_dict saved from a traced GraphModule also holds the constants fx lifted out of forward()
+    dropped += [k for k in state_dict if _FX_CONSTANT.search(k)]
+    state_dict = {k: v for k, v in state_dict.items() if not _FX_CONSTANT.search(k)}
+    from_init = load_into_module(module, state_dict, path)
+    if dropped:
+        fields["ignored_keys"] = dropped
+    if from_init:
+        fields["buffers_from_init"] = from_init
+    stored = stored_arch(src.arch, src.base)
+    model = model_from_module(module, stored, cfg, input_shape=src.input_shape)
+    params = {"source": path.name, "source_sha256": _sha256(path), "form": form, "arch": stored, "config": cfg}
+    model.provenance = [provenance_record("import.torch", 1, params, **fields, capture=model.capture, output=model)]
     return model
 
 
-def trace_or_error(module, arch: str):
-    try:
-        return trace(module)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise EdgecError(f"architecture '{arch}' cannot be traced by torch.fx ({first_line(exc)}); "
-                         "avoid data-dependent control flow in forward()") from None
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def match_keys(state_dict: dict, expected: dict) -> tuple[dict, list[str]]:
+    """Strip a leading component (``model.``, ``module.``, ``_orig_mod.``...) when that makes more keys match
+    the module; keys outside the stripped prefix are returned as dropped."""
+    dropped: list[str] = []
+    while True:
+        best, prefix = sum(k in expected for k in state_dict), None
+        for p in sorted({k.split(".", 1)[0] for k in state_dict if "." in k}):
+            n = sum(k[len(p) + 1:] in expected for k in state_dict if k.startswith(p + "."))
+            if n > best:
+                best, prefix = n, p
+        if prefix is None:
+            return state_dict, dropped
+        dropped += [k for k in state_dict if not k.startswith(prefix + ".")]
+        state_dict = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def load_into_module(module, state_dict: dict, path) -> list[str]:
+    """Strict load into the eager module, one-line errors. Buffers the file lacks keep their initial values
+    (returned): buffers are often derived constants (masks, tables) that users leave out of saved weights."""
+    expected = module.state_dict()
+    buffers = {n for n, _ in module.named_buffers()}
+    from_init = [k for k in expected if k not in state_dict and k in buffers]
+    _check_fit({k: v for k, v in expected.items() if k not in from_init}, state_dict, path, convert_float=True)
+    module.load_state_dict({**{k: expected[k] for k in from_init}, **state_dict}, strict=True)
+    return from_init
+
+
+def _check_fit(expected: dict, state_dict: dict, path, convert_float: bool = False) -> None:
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) e.g. '{unexpected[0]}'")
+        raise EdgecError(f"{path}: weights do not fit the architecture: {'; '.join(parts)}"
+                         + (" (sizes from --arch-config?)" if convert_float and missing and unexpected else ""))
+    for name, ref in expected.items():
+        got = state_dict[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise EdgecError(f"{path}: tensor '{name}' has shape {list(got.shape)} but the architecture expects "
+                             f"{list(ref.shape)}" + (" (pass the sizes with --arch-config)" if convert_float else ""))
+        same_kind = convert_float and got.is_floating_point() and ref.is_floating_point()
+        if got.dtype != ref.dtype and not same_kind:
+            raise EdgecError(f"{path}: tensor '{name}' has dtype {got.dtype} but the architecture expects {ref.dtype}")
 
 
 def check_finite(state_dict: dict, path) -> None:
@@ -108,34 +355,5 @@ def check_finite(state_dict: dict, path) -> None:
 
 
 def load_state_dict_strict(gm, state_dict: dict, path) -> None:
-    expected = gm.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s) e.g. '{unexpected[0]}'")
-        raise EdgecError(f"{path}: weights do not fit the architecture: {'; '.join(parts)}")
-    for name, ref in expected.items():
-        got = state_dict[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise EdgecError(f"{path}: tensor '{name}' has shape {list(got.shape)} "
-                             f"but the architecture expects {list(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise EdgecError(f"{path}: tensor '{name}' has dtype {got.dtype} but the architecture expects {ref.dtype}")
+    _check_fit(gm.state_dict(), state_dict, path)
     gm.load_state_dict(state_dict, strict=True)
-
-
-def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: dict | None = None):
-    """A freshly initialised zoo (or user) model, deterministic in ``seed``."""
-    cfg = models.full_config(arch, overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        module = models.build(arch, cfg)
-    model = Model(trace_or_error(module, arch), arch, cfg, module.input_spec())
-    record = origin or provenance_record("zoo.create", 1, {"arch": arch, "config": cfg, "seed": seed})
-    record["output_digest"] = model.digest()
-    model.provenance = [record]
-    return model

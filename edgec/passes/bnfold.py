@@ -17,8 +17,10 @@ from edgec.core.graph import Model, set_submodule, verify_equivalent
 from edgec.core.ops import BATCHNORM as _BN
 from edgec.core.ops import CONV as _CONV
 from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
-from edgec.core.pass_manager import Pass, PassResult
+from edgec.core.pass_manager import Pass, PassResult, skip
 from edgec.layers.lowbit import LowBitConv1d, LowBitConv2d, LowBitLinear
+
+_LOWBIT = (LowBitLinear, LowBitConv1d, LowBitConv2d)
 
 # ------------------------------------------------------------------------------------------------ formulas
 
@@ -56,29 +58,61 @@ def fold_float(layer, bn):
 
 def find_pairs(model: Model) -> list[tuple]:
     """(producer node, batchnorm node) pairs that can be folded."""
+    return scan_batchnorms(model)[0]
+
+
+def scan_batchnorms(model: Model) -> tuple[list[tuple], list[dict]]:
+    """The foldable (producer node, batchnorm node) pairs, and every other BatchNorm with the reason it stays."""
     gm = model.gm
     modules = dict(gm.named_modules())
-    shapes = None
-    pairs = []
+    ranks: list = []  # computed once, on the first Linear → BatchNorm1d pair
+    pairs, skipped = [], []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
-            continue
-        bn = modules[node.target]
-        if bn.running_mean is None or not node.args or not hasattr(node.args[0], "op"):
-            continue
-        prev = node.args[0]
-        if prev.op != "call_module" or len(prev.users) != 1:
-            continue
-        layer = modules[prev.target]
-        if isinstance(layer, _CONV + (LowBitConv1d, LowBitConv2d)) and layer.out_channels == bn.num_features:
-            pairs.append((prev, node))
-        elif isinstance(layer, (nn.Linear, LowBitLinear)) and isinstance(bn, nn.BatchNorm1d) \
-                and layer.out_features == bn.num_features:
-            if shapes is None:
-                shapes = _output_ranks(model)
-            if shapes.get(prev.name) == 2:
-                pairs.append((prev, node))
-    return pairs
+        if node.op == "call_module" and isinstance(modules.get(node.target), _BN):
+            why = _unfoldable(model, modules, node, ranks)
+            if why is None:
+                pairs.append((node.args[0], node))
+            else:
+                skipped.append(skip(node.target, f"BatchNorm not folded: {why}"))
+    return pairs, skipped
+
+
+def _unfoldable(model: Model, modules: dict, node, ranks: list) -> str | None:
+    """Why the BatchNorm at ``node`` cannot be folded into its producer (None: it can)."""
+    bn = modules[node.target]
+    if bn.running_mean is None:
+        return "no running statistics (track_running_stats=False): it normalises with batch statistics"
+    prev = node.args[0] if node.args else None
+    if not hasattr(prev, "op"):
+        return "its input is not a tensor computed in the graph"
+    layer = modules.get(prev.target) if prev.op == "call_module" else None
+    if not isinstance(layer, _CONV + (nn.Linear,) + _LOWBIT):
+        return f"its input is {_producer(prev, layer)}, not a Conv/Linear output"
+    if len(prev.users) != 1:
+        others = ", ".join(u.name for u in prev.users if u is not node)
+        return f"the output of '{prev.target}' also feeds {others}; folding would change that use"
+    width = layer.out_features if isinstance(layer, (nn.Linear, LowBitLinear)) else layer.out_channels
+    if width != bn.num_features:
+        return f"'{prev.target}' has {width} outputs but the BatchNorm normalises {bn.num_features} channels"
+    if isinstance(layer, (nn.Linear, LowBitLinear)):
+        if not isinstance(bn, nn.BatchNorm1d):
+            return f"{type(bn).__name__} after a Linear layer"
+        if not ranks:
+            ranks.append(_output_ranks(model))
+        if ranks[0].get(prev.name) != 2:
+            return (f"'{prev.target}' output has rank {ranks[0].get(prev.name)}; a BatchNorm1d folds into a "
+                    "Linear only on (N, C) input")
+    return None
+
+
+def _producer(node, module) -> str:
+    if node.op == "placeholder":
+        return f"the model input '{node.target}'"
+    if module is not None:
+        return f"'{node.target}' ({type(module).__name__})"
+    if node.op == "call_method":
+        return f"'{node.name}' (.{node.target}())"
+    return f"'{node.name}' ({getattr(node.target, '__name__', node.target)})"
 
 
 def _output_ranks(model: Model) -> dict[str, int]:
@@ -98,13 +132,16 @@ class FoldBatchNorm(Pass):
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         before = None if replay else model.clone()
         gm = model.gm
-        pairs = find_pairs(model)
+        pairs, skipped = scan_batchnorms(model)
+        skipped = [] if replay else skipped
         if not pairs:
-            return PassResult(model, modified=False, summary="no BatchNorm follows a Conv/Linear")
+            return PassResult(model, modified=False, skipped=skipped,
+                              summary="no BatchNorm follows a Conv/Linear"
+                                      + (f"; {len(skipped)} skipped" if skipped else ""))
         modules = dict(gm.named_modules())
         for prev, bn_node in pairs:
             layer, bn = modules[prev.target], modules[bn_node.target]
-            lowbit = isinstance(layer, (LowBitLinear, LowBitConv1d, LowBitConv2d))
+            lowbit = isinstance(layer, _LOWBIT)
             fused = fold_lowbit(layer, bn) if lowbit else fold_float(layer, bn)
             set_submodule(gm, prev.target, fused)
             bn_node.replace_all_uses_with(prev)
@@ -113,5 +150,6 @@ class FoldBatchNorm(Pass):
         gm.graph.lint()
         gm.recompile()
         checks = {} if replay else {"equivalence": verify_equivalent(before, model, TOLERANCE)}
-        return PassResult(model, modified=True, checks=checks,
-                          summary=f"folded {len(pairs)} BatchNorm layer(s) into the preceding Conv/Linear")
+        return PassResult(model, modified=True, checks=checks, skipped=skipped,
+                          summary=f"folded {len(pairs)} BatchNorm layer(s) into the preceding Conv/Linear; "
+                                  f"{len(pairs)} changed, {len(skipped)} skipped")

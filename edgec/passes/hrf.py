@@ -25,7 +25,7 @@ from edgec.core.ops import FFN_ACTIVATION_MODULES as _ACT_MODULES
 from edgec.core.ops import FFN_DROPOUT_FUNCTIONS as _DROP_FUNCTIONS
 from edgec.core.ops import FFN_DROPOUT_MODULES as _DROP_MODULES
 from edgec.core.ops import FFN_MUL_FUNCTIONS as _MUL_FUNCTIONS
-from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError, describe_skips, skip
 from edgec.layers.hrf import HRFExpand
 
 SUFFIX = "_hrf"
@@ -152,37 +152,93 @@ def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 def find_ffns(model: Model) -> list[FFN]:
     """Every FFN (plain or gated) in graph order; see the module docstring for the rules."""
+    return scan_ffns(model)[0]
+
+
+def scan_ffns(model: Model) -> tuple[list[FFN], list[dict]]:
+    """The FFNs, and the candidates rejected with the reason: each nn.Linear whose only user is an activation
+    but that is no FFN's first linear, and each opaque module with Linear layers inside (graph order)."""
     gm = model.gm
     modules = dict(gm.named_modules())
     calls = _call_counts(gm)
     ffns: list[FFN] = []
+    rejected: list[dict] = []
     for node in gm.graph.nodes:
+        hidden = _opaque_ffn_holder(modules, node)
+        if hidden:
+            rejected.append(skip(node.target, hidden))
         x = _linear_input(modules, node)
-        if x is None or calls[node.target] != 1:
-            continue
-        act = _only_user(node)
+        act = _only_user(node) if x is not None else None
         if act is None or not _is_act(modules, act) or not act.args or act.args[0] is not node:
             continue
-        nxt = _skip_drops_forward(modules, act)
-        if nxt is None:
-            continue
-        if _linear_input(modules, nxt) is not None:
-            if _returns_to_width(modules, node, nxt):
-                ffns.append(FFN(x, [node], nxt, names=[node.target]))
-            continue
-        if not _is_mul(nxt):
-            continue
-        # Gated: the other factor of the product is W_v x (through dropouts), W_v reading the same x.
-        mine = 0 if _skip_drops_backward(modules, nxt.args[0]) is act else 1
-        other = _skip_drops_backward(modules, nxt.args[1 - mine])
-        if (other is None or other is node or _linear_input(modules, other) is not x or calls[other.target] != 1
-                or _only_user(other) is None):
-            continue
-        w2 = _skip_drops_forward(modules, nxt)
-        if w2 is None or _linear_input(modules, w2) is None or not _returns_to_width(modules, node, w2):
-            continue
-        ffns.append(FFN(x, [node, other], w2, gated=True, names=[node.target, other.target]))
-    return ffns
+        found = _match_ffn(modules, calls, node, x, act)
+        if isinstance(found, FFN):
+            ffns.append(found)
+        elif node.target not in {r["layer"] for r in rejected}:
+            # a single-use Linear that is no FFN's first linear is reported, but not a failure under --strict;
+            # a shared one is an FFN HRF cannot rewrite
+            rejected.append(skip(node.target, found, deliberate=calls[node.target] == 1))
+    return ffns, rejected
+
+
+def _opaque_ffn_holder(modules: dict, node: fx.Node) -> str | None:
+    """Why HRF cannot look inside a module fx left opaque that holds two or more Linear layers (else None)."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if m is None or isinstance(m, (nn.Linear, HRFExpand)):
+        return None
+    if sum(isinstance(c, nn.Linear) for c in m.modules()) < 2:
+        return None
+    return f"{type(m).__name__} is one opaque module; HRF cannot see the FFN(s) inside it"
+
+
+def _match_ffn(modules: dict, calls: dict, node: fx.Node, x: fx.Node, act: fx.Node) -> FFN | str:
+    """The FFN whose first linear is ``node`` (followed by ``act``), or why it is not one."""
+    if calls[node.target] != 1:
+        return f"Linear module called {calls[node.target]} times (shared); HRF cannot rewrite one call alone"
+    nxt = _skip_drops_forward(modules, act)
+    if nxt is None:
+        return "its activation feeds several ops, not one second Linear"
+    if _linear_input(modules, nxt) is not None:
+        if _returns_to_width(modules, node, nxt):
+            return FFN(x, [node], nxt, names=[node.target])
+        d, f, o = modules[node.target].in_features, modules[node.target].out_features, modules[nxt.target].out_features
+        return (f"Linear → activation → {nxt.target} maps {d} → {f} → {o}, not back to the input width {d} "
+                "(a head, not an FFN)")
+    if not _is_mul(nxt):
+        return f"its activation feeds {_what(modules, nxt)}, not a second Linear"
+    # Gated: the other factor of the product is W_v x (through dropouts), W_v reading the same x.
+    mine = 0 if _skip_drops_backward(modules, nxt.args[0]) is act else 1
+    other = _skip_drops_backward(modules, nxt.args[1 - mine])
+    if (other is None or other is node or _linear_input(modules, other) is not x or calls[other.target] != 1
+            or _only_user(other) is None):
+        return "gated product whose other factor is not a single-use Linear of the same input"
+    w2 = _skip_drops_forward(modules, nxt)
+    if w2 is None or _linear_input(modules, w2) is None or not _returns_to_width(modules, node, w2):
+        return "gated product that does not feed one Linear back to the input width"
+    return FFN(x, [node, other], w2, gated=True, names=[node.target, other.target])
+
+
+def _what(modules: dict, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"'{node.target}' ({type(modules[node.target]).__name__})"
+    name = getattr(node.target, "__name__", node.target)
+    return f"'{node.name}' ({name})"
+
+
+def _no_candidates(model: Model) -> str:
+    n = sum(isinstance(m, nn.Linear) for m in model.gm.modules())
+    return (f"none of its {n} nn.Linear layer(s) is followed by an activation" if n
+            else "it has no nn.Linear layer")
+
+
+def _ffn_glob_reason(ffn: FFN, include: list[str], exclude: list[str]) -> str | None:
+    """Why the include/exclude globs (over the FFN's first-linear names) leave ``ffn`` out (None: selected)."""
+    hit = next((g for g in exclude for name in ffn.names if fnmatchcase(name, g)), None)
+    if hit is not None:
+        return f"excluded by --exclude '{hit}'"
+    if not any(fnmatchcase(name, g) for name in ffn.names for g in include):
+        return f"not matched by --include {include}"
+    return None
 
 
 def _is_hrf_node(modules: dict, node) -> bool:
@@ -222,17 +278,22 @@ class HRFScaffold(Pass):
         super().__init__(expand=expand, include=_as_list(include, "include"), exclude=_as_list(exclude, "exclude"),
                          init=init, seed=seed)
 
-    def select(self, model: Model) -> list[FFN]:
-        """The FFNs to scaffold; raises PreconditionError when there are none."""
-        ffns = find_ffns(model)
+    def select(self, model: Model) -> tuple[list[FFN], list[dict]]:
+        """The FFNs to scaffold and the skipped candidates with reasons; raises PreconditionError when
+        there is nothing to scaffold (saying why each candidate was rejected)."""
+        ffns, rejected = scan_ffns(model)
         if not ffns:
-            raise PreconditionError(f"no FFN found (Linear → activation → Linear) in {model.arch}")
+            raise PreconditionError(f"no FFN found (Linear → activation → Linear) in {model.arch}: "
+                                    + (f"rejected {describe_skips(rejected)}" if rejected else _no_candidates(model)))
         include, exclude = self.params["include"], self.params["exclude"]
-
-        def matches(ffn: FFN, globs) -> bool:
-            return any(fnmatchcase(name, g) for name in ffn.names for g in globs)
-
-        chosen = [f for f in ffns if matches(f, include) and not matches(f, exclude)]
+        skipped = {r["layer"]: r for r in rejected}
+        chosen = []
+        for f in ffns:
+            reason = _ffn_glob_reason(f, include, exclude)
+            if reason is None:
+                chosen.append(f)
+            else:
+                skipped[f.w1.target] = skip(f.w1.target, reason, deliberate=True)
         if not chosen:
             names = ", ".join(f.w1.target for f in ffns[:4]) + (", ..." if len(ffns) > 4 else "")
             raise PreconditionError(
@@ -243,14 +304,16 @@ class HRFScaffold(Pass):
         if not fresh:
             raise PreconditionError(f"scaffold.hrf: all {len(chosen)} selected FFN(s) in {model.arch} already "
                                     "carry an HRF scaffold; fold it first (edgec fold)")
-        return fresh
+        # FFNs scaffolded by an earlier run are done, not skipped (as layers already low-bit for ternary).
+        order = {n.target: i for i, n in enumerate(model.gm.graph.nodes) if n.op == "call_module"}
+        return fresh, sorted(skipped.values(), key=lambda r: order.get(r["layer"], len(order)))
 
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         k, init = self.params["expand"], self.params["init"]
         preserve = init == "preserve" and not replay
         before = model.clone() if preserve else None
         gm = model.gm
-        ffns = self.select(model)
+        ffns, skipped = self.select(model)
         modules = dict(gm.named_modules())
         gen = torch.Generator().manual_seed(self.params["seed"]) if preserve else None
         with torch.random.fork_rng(devices=[]):
@@ -262,8 +325,9 @@ class HRFScaffold(Pass):
         checks = {"equivalence": verify_equivalent(before, model, TOLERANCE)} if preserve else {}
         gated = sum(f.gated for f in ffns)
         kinds = f" ({gated} gated, one shared H each)" if gated else ""
-        return PassResult(model, modified=True, checks=checks,
-                          summary=f"inserted HRF (K={k}, init={init}) in front of {len(ffns)} FFN(s){kinds}")
+        return PassResult(model, modified=True, checks=checks, skipped=[] if replay else skipped,
+                          summary=f"inserted HRF (K={k}, init={init}) in front of {len(ffns)} FFN(s){kinds}; "
+                                  f"{len(ffns)} changed, {len(skipped)} skipped")
 
     def _insert(self, model: Model, ffn: FFN, modules: dict, gen, replay: bool) -> None:
         """Insert one HRF node in front of ``ffn`` and swap its input projection(s) for (r -> f) linears."""

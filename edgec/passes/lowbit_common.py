@@ -8,6 +8,7 @@ in eval mode (exact, verified at 1e-5). Selection rules: see docs/methods.md#stt
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
@@ -16,11 +17,13 @@ from torch import nn
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model, set_submodule, verify_equivalent
 from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
-from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError
+from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError, describe_skips, skip
 from edgec.layers.latent import LatentLayer
 from edgec.layers.lowbit import LowBitLayer, LowBitLinear
+from edgec.passes.weights import FUNCTIONAL_REASON, first_calls, functional_weights, opaque_reason, opaque_weight_layers
 
 SELECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LOWBIT = "already low-bit"  # weight_layers' reason for a scaffold or deploy layer: done, so never a skip
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -66,37 +69,38 @@ def _is_lowbit_layer(m: nn.Module) -> bool:
     return isinstance(m, (LatentLayer, LowBitLayer))
 
 
-def _tied_modules(gm: nn.Module) -> set[str]:
-    """Modules whose parameters are shared with another module or read directly by a get_attr node."""
-    owners: dict[int, set[str]] = {}
+def _tied_modules(gm: nn.Module) -> dict[str, str]:
+    """Modules whose parameters are shared with another module or read directly by a get_attr node, with why."""
+    owners: dict[int, list[str]] = {}
     for mod_name, mod in gm.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(mod_name)
-    tied = {n for names in owners.values() if len(names) > 1 for n in names}
+            owners.setdefault(id(p), []).append(mod_name)
+    tied: dict[str, str] = {}
+    for names in owners.values():
+        names = list(dict.fromkeys(names))
+        for n in names if len(names) > 1 else ():
+            others = ", ".join(o or "<root>" for o in names if o != n)
+            tied.setdefault(n, f"weight shared with {others} (tied parameters); kept fp32")
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            tied.add(str(node.target).rpartition(".")[0])
+            owner = str(node.target).rpartition(".")[0]
+            tied.setdefault(owner, f"its parameter '{node.target}' is also read directly by the graph; kept fp32")
     return tied
 
 
-def weight_layers(model: Model) -> list[tuple[str, nn.Module, bool]]:
-    """(name, module, selectable) for every weight layer in graph order, each module once."""
-    gm = model.gm
-    modules = dict(gm.named_modules())
-    tied = _tied_modules(gm)
-    seen, out = set(), []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target in seen:
-            continue
-        m = modules.get(node.target)
+def weight_layers(model: Model) -> list[tuple[str, nn.Module, str | None]]:
+    """(name, module, why it cannot be scaffolded or None) for every Conv/Linear and low-bit layer in graph
+    order, each module once. Low-bit layers count for the first/last rule but are never selected."""
+    tied = _tied_modules(model.gm)
+    out = []
+    for name, m in first_calls(model.gm):
         if isinstance(m, SELECTABLE):
-            ok = getattr(m, "padding_mode", "zeros") == "zeros" and node.target not in tied
-            out.append((node.target, m, ok))
+            why = tied.get(name)
+            if getattr(m, "padding_mode", "zeros") != "zeros":
+                why = f"padding_mode='{m.padding_mode}' is not supported by the low-bit layers; kept fp32"
+            out.append((name, m, why))
         elif _is_lowbit_layer(m):
-            out.append((node.target, m, False))
-        else:
-            continue
-        seen.add(node.target)
+            out.append((name, m, LOWBIT))
     return out
 
 
@@ -104,38 +108,87 @@ def _is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, LowBitLinear)) or (isinstance(m, LatentLayer) and m.op == "linear")
 
 
-def select_layers(model: Model, params: dict, pass_name: str) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """The layers to scaffold, in graph order, and the names kept full precision by ``keep_first_last``."""
-    layers = weight_layers(model)
-    kept: list[str] = []
-    if params["keep_first_last"] and layers:
-        kept.append(layers[0][0])
+def _first_last(layers: list) -> dict[str, str]:
+    """The layers ``keep_first_last`` keeps full precision: the first weight layer and the last linear one."""
+    kept: dict[str, str] = {}
+    if layers:
+        kept[layers[0][0]] = "first layer kept fp32 (--keep-first-last)"
         linear = [n for n, m, _ in layers if _is_linear_like(m)]
         if linear and linear[-1] not in kept:
-            kept.append(linear[-1])
+            kept[linear[-1]] = "last linear layer kept fp32 (--keep-first-last)"
+    return kept
+
+
+def _glob_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
+    """Why the include/exclude globs leave ``name`` out (None: selected)."""
+    hit = next((g for g in exclude if fnmatchcase(name, g)), None)
+    if hit is not None:
+        return f"excluded by --exclude '{hit}'"
+    if not any(fnmatchcase(name, g) for g in include):
+        return f"not matched by --include {include}"
+    return None
+
+
+@dataclass
+class Selection:
+    """What a scaffold pass rewrites (``chosen``), the names ``keep_first_last`` keeps, and every weight layer
+    it leaves alone with the reason (``skipped``, graph order; layers already low-bit are not listed)."""
+
+    chosen: list[tuple[str, nn.Module]]
+    kept: list[str]
+    skipped: list[dict]
+
+
+def _unreachable(model: Model, names: set[str]) -> list[tuple[str, str]]:
+    """(name, reason) of the weights no scaffold pass can reach: opaque modules and functional parameters."""
+    gm = model.gm
+    out = [(n, opaque_reason(m)) for n, m in opaque_weight_layers(gm, SELECTABLE + (LatentLayer, LowBitLayer))]
+    owners = names | {n for n, _ in out}
+    return out + [(t, FUNCTIONAL_REASON) for t in functional_weights(gm, owners)]
+
+
+def select_layers(model: Model, params: dict, pass_name: str) -> Selection:
+    """The layers to scaffold in graph order, those kept full precision, and the skipped ones with reasons."""
+    layers = weight_layers(model)
+    kept = _first_last(layers) if params["keep_first_last"] else {}
     include, exclude = params["include"], params["exclude"]
-
-    def matches(name: str, globs) -> bool:
-        return any(fnmatchcase(name, g) for g in globs)
-
-    candidates = [(n, m) for n, m, ok in layers if ok and n not in kept]
-    chosen = [(n, m) for n, m in candidates if matches(n, include) and not matches(n, exclude)]
+    chosen, reasons = [], {}
+    for name, m, why in layers:
+        if why == LOWBIT:
+            continue
+        # the user's selection wins, so `--exclude` acknowledges a layer the pass cannot handle (--strict)
+        by_options = kept.get(name) or _glob_reason(name, include, exclude)
+        if by_options is None and why is None:
+            chosen.append((name, m))
+        else:
+            reasons[name] = (by_options, True) if by_options else (why, False)
+    for name, why in _unreachable(model, {n for n, _, _ in layers}):
+        by_options = _glob_reason(name, include, exclude)
+        reasons[name] = (by_options, True) if by_options else (why, False)
+    order = {n.target: i for i, n in reversed(list(enumerate(model.gm.graph.nodes))) if isinstance(n.target, str)}
+    skipped = [skip(n, r, deliberate) for n, (r, deliberate) in
+               sorted(reasons.items(), key=lambda kv: order.get(kv[0], len(order)))]
     if not chosen:
-        if not candidates:
-            why = ("it has no nn.Linear/nn.Conv1d/nn.Conv2d layer left to quantize"
-                   + (f" besides the full-precision first/last layer(s) {kept}" if kept else ""))
-            raise PreconditionError(f"{pass_name}: nothing to scaffold in {model.arch}: {why}")
-        names = ", ".join(n for n, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-        held = [n for n in kept if matches(n, include) and not matches(n, exclude)]
-        note = f"; {', '.join(held)} stay full precision (keep_first_last)" if held else ""
-        raise PreconditionError(f"{pass_name}: include {include} and exclude {exclude} select none of the "
-                                f"{len(candidates)} quantizable layer(s) in {model.arch} (e.g. {names}){note}")
-    return chosen, kept
+        _refuse_empty(model, pass_name, layers, list(kept), include, exclude, skipped)
+    return Selection(chosen, list(kept), skipped)
+
+
+def _refuse_empty(model, pass_name, layers, kept, include, exclude, skipped) -> None:
+    """Nothing selected: say why, naming what was skipped."""
+    listed = f"; skipped: {describe_skips(skipped)}" if skipped else ""
+    candidates = [n for n, _, why in layers if why is None and n not in kept]
+    if not candidates:
+        why = ("it has no nn.Linear/nn.Conv1d/nn.Conv2d layer left to quantize"
+               + (f" besides the full-precision first/last layer(s) {kept}" if kept else ""))
+        raise PreconditionError(f"{pass_name}: nothing to scaffold in {model.arch}: {why}{listed}")
+    names = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+    raise PreconditionError(f"{pass_name}: include {include} and exclude {exclude} select none of the "
+                            f"{len(candidates)} quantizable layer(s) in {model.arch} (e.g. {names}){listed}")
 
 
 def ineligible_layers(model: Model) -> list[str]:
     """Conv/Linear layers never selected: tied parameters or a non-zero padding mode."""
-    return [n for n, m, ok in weight_layers(model) if not ok and isinstance(m, SELECTABLE)]
+    return [n for n, m, why in weight_layers(model) if why is not None and isinstance(m, SELECTABLE)]
 
 
 # ---------------------------------------------------------------------------------------- pass templates
@@ -162,7 +215,8 @@ class LowBitScaffoldPass(Pass):
 
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         gm = model.gm
-        chosen, kept = select_layers(model, self.params, self.name)
+        sel = select_layers(model, self.params, self.name)
+        chosen, kept = sel.chosen, sel.kept
         errors = []
         for i, (name, layer) in enumerate(chosen):
             new = self.make_layer(name, layer, i, replay)
@@ -181,10 +235,9 @@ class LowBitScaffoldPass(Pass):
             checks["init"] = {"weight_rel_error_mean": sum(errors) / len(errors),
                               "weight_rel_error_max": max(errors)}
         dw = f" ({n_dw} grouped/depthwise)" if n_dw else ""
-        fp = f"; kept full precision: {', '.join(kept)}" if kept else ""
-        return PassResult(model, modified=True, checks=checks,
+        return PassResult(model, modified=True, checks=checks, skipped=[] if replay else sel.skipped,
                           summary=f"inserted {self.label} scaffolds in {len(chosen)} layer(s){dw} "
-                                  f"({self.describe()}){fp}")
+                                  f"({self.describe()}); {len(chosen)} changed, {len(sel.skipped)} skipped")
 
     def ensures(self, model: Model) -> None:
         if not any(getattr(m, "kind", None) == self.kind for _, m in model.scaffolds()):

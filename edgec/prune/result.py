@@ -1,13 +1,17 @@
 """What ``prune_file`` returns: a typed result whose ``to_dict()`` is the JSON the CLI prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from edgec.core.result import Result
 
 
 @dataclass(frozen=True)
-class PruneResult:
+class PruneResult(Result):
     """One pruning run (see docs/methods.md#alcs). Times are milliseconds of one ``session.run``; ``*_ms``
     without qualifier are local measurements, ``*_table_ms`` are in the latency table's units."""
+
+    SCHEMA = "edgec.prune/1"
 
     output: str
     input: str
@@ -25,10 +29,9 @@ class PruneResult:
     speedup: float | None
     min_reachable_ms: float
     table_foreign: bool
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
+    params: int  # of the pruned model
+    macs: int
+    before: dict  # the input model's {params, macs}
     flop_reduction: float | None
     densities: dict
     kept: dict
@@ -44,10 +47,8 @@ class PruneResult:
     table: dict
     digest: str
     notes: list
+    skipped: list  # [{"layer": group, "reason"}]: channel groups left at full density, and why
     seconds: float
     threads: int
     batch: int
     input_shapes: dict
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -15,7 +15,7 @@ from edgec.analysis.groups import analyse
 from edgec.core.errors import EdgecError
 from edgec.core.fileio import check_output
 from edgec.core.options import PruneOptions
-from edgec.core.pass_manager import PassManager
+from edgec.core.pass_manager import PassManager, describe_skips, refuse_skips, skip
 from edgec.core.provenance import record
 from edgec.data import load_data
 from edgec.latency import simd as simd_mod
@@ -127,6 +127,7 @@ class _Run:
     shapes: dict | None = None
     feed: dict | None = None
     notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # [{"layer": group, "reason"}] left at full density
     # dense measurement and latency table
     dense_ms: float = 0.0
     T: dict | None = None
@@ -187,13 +188,23 @@ def _load_bundle(options: PruneOptions, model):
 
 
 def _load(input_path, output, options: PruneOptions, say) -> _Run:
-    """Validate, load the model (and data), fix the input shapes and the measurement feed."""
+    """Validate, guard the output, load the checkpoint, then ``_setup``."""
+    options.validate()
+    simd_mod.parse_pattern(options.pattern)
+    model_path = Path(input_path)
+    out = check_output(output, model_path)
+    model = load_checkpoint(model_path, options)
+    run = _setup(model, options, say)
+    run.out = out
+    return run
+
+
+def _setup(model, options: PruneOptions, say) -> _Run:
+    """Validate, take the model (and load the data), fix the input shapes and the measurement feed."""
     options.validate()
     kind, n = simd_mod.parse_pattern(options.pattern)
     run = _Run(options, say, simd_mod.pattern_name(kind, n), kind)
-    model_path = Path(input_path)
-    run.out = check_output(output, model_path)
-    run.model = model = load_checkpoint(model_path, arch=options.arch)
+    run.model = model
     model.gm.eval()
     refuse_scaffolds(model)
     run.bundle, run.data_label = _load_bundle(options, model) if options.data is not None else (None, None)
@@ -240,6 +251,49 @@ def _latency_table(run: _Run, dense_proto) -> None:
     run.foreign = bool(T.get("load_warnings"))
     run.table_dense = run.lm.dense
     run.scale = run.table_dense / run.dense_ms
+
+
+def _skip_groups(run: _Run) -> None:
+    """Report the groups left dense (``--strict``: refuse them here, before any pruning or writing)."""
+    run.skipped = skipped_groups(run.analysis, run.groups, run.lm, run.options.min_density)
+    if run.skipped:
+        run.say(f"{len(run.skipped)} channel group(s) stay dense: {describe_skips(run.skipped)}")
+    if run.options.strict:
+        refuse_skips("prune", run.skipped)
+
+
+def skipped_groups(analysis, groups: list, lm: LatencyModel, min_density: float | None = None) -> list[dict]:
+    """The channel groups pruning leaves at full density, with why: the analysis found them unprunable (its
+    first reason), a single unit, no latency-table entry, or the table measures no saving at any density >=
+    ``min_density``. ``groups``: those the table covers. Groups that only the model output pins are not
+    listed: the output width is the model's contract, not a choice."""
+    in_table, floor, out = {g.name for g in groups}, float(min_density or 0.0), []
+    for g in analysis.groups:
+        if not g.prunable:
+            if not all("reaches the model output" in r for r in g.reasons):
+                extra = f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else ""
+                out.append(skip(g.name, f"not prunable: {g.reasons[0]}{extra}"))
+        elif g.size < 2:
+            out.append(skip(g.name, "a single unit; nothing to remove", deliberate=True))
+        elif g.name not in in_table:
+            out.append(skip(g.name, "the latency table has no entry for this group"))
+        elif (why := _no_saving(lm, g.name, floor)) is not None:
+            out.append(skip(g.name, why, deliberate=True))
+    return out
+
+
+def _no_saving(lm: LatencyModel, unit: str, floor: float) -> str | None:
+    """Why pruning ``unit`` cannot pay off per the table (no measured density below 1 is faster), else None."""
+    xs, ys = lm.curves[unit].get("channel", ([], []))
+    dense = lm.unit_ms(unit, 1.0) if xs else 0.0
+    pruned = [(y, x) for x, y in zip(xs, ys) if floor <= x < 1.0]
+    if not pruned:
+        return None
+    best_ms, at = min(pruned)
+    if best_ms < dense:
+        return None
+    return (f"the latency table measures no saving ({dense:.4g} ms dense, {best_ms:.4g} ms at density {at:g}); "
+            "kept dense")
 
 
 def _plan_budget(run: _Run) -> None:
@@ -450,14 +504,15 @@ def _prune_record(run: _Run, best: _Attempt, attempts: list[dict], s: dict) -> d
     checks = {"latency": {"measured_ms": row["measured_ms"], "budget_ms": run.budget_local,
                           "passed": row["measured_ms"] <= run.budget_local},
               "export": {"ort_parity_rel_error": parity["rel_error"], "passed": parity["passed"]}}
-    return record("prune.alcs", PRUNE_VERSION, params, input_digest=run.model.digest(), metrics=metrics,
+    skipped = {"skipped": list(run.skipped)} if run.skipped else {}
+    return record("prune.alcs", PRUNE_VERSION, params, **skipped, input_digest=run.model.digest(), metrics=metrics,
                   checks=checks, output=best.model)
 
 
-def _result(run: _Run, best: _Attempt, attempts: list[dict], s: dict, input_path, t_start: float) -> PruneResult:
+def _result(run: _Run, best: _Attempt, attempts: list[dict], s: dict, input_label, t_start: float) -> PruneResult:
     row, final = best.row, best.model
     return PruneResult(
-        output=str(run.out), input=str(Path(input_path)), arch=run.model.arch,
+        output=None if run.out is None else str(run.out), input=input_label, arch=run.model.arch,
         budget_ms=run.budget_ms, local_budget_ms=run.budget_local,
         budget_from="ms" if run.options.latency_ms else "ratio", latency_ratio=run.options.latency_ratio,
         dense_ms=run.dense_ms, estimated_ms=row["estimated_ms"], measured_ms=row["measured_ms"],
@@ -465,14 +520,13 @@ def _result(run: _Run, best: _Attempt, attempts: list[dict], s: dict, input_path
         calibration={"table_dense_ms": run.table_dense, "scale": run.scale},
         speedup=run.dense_ms / row["measured_ms"] if row["measured_ms"] > 0 else None,
         min_reachable_ms=run.shown_min, table_foreign=run.foreign,
-        params_before=run.params_before, params_after=s["params_after"],
-        macs_before=run.macs_before, macs_after=s["macs_after"],
+        params=s["params_after"], macs=s["macs_after"], before={"params": run.params_before, "macs": run.macs_before},
         flop_reduction=run.macs_before / s["macs_after"] if s["macs_after"] else None,
         densities=s["densities"], kept=s["kept"], retries=len(attempts) - 1, attempts=attempts,
         pattern=run.pattern, pattern_chosen="channel", simd=run.simd_info, model_error=row["model_error"],
         mode=s["mode"], admm=best.admm, finetune=best.finetune["metrics"] if best.finetune else None,
         table=_key_summary(run.T, run.source) | {"warnings": list(run.T.get("load_warnings", []))},
-        digest=final.digest(), notes=run.notes, seconds=time.perf_counter() - t_start,
+        digest=final.digest(), notes=run.notes, skipped=run.skipped, seconds=time.perf_counter() - t_start,
         threads=run.threads, batch=run.batch, input_shapes=run.input_shapes,
     )
 
@@ -489,8 +543,28 @@ def prune_file(input_path, output, options: PruneOptions, *,
     """
     t_start = time.perf_counter()
     run = _load(input_path, output, options, progress or (lambda _m: None))
+    best, attempts, summary = _prune(run)
+    save_checkpoint(best.model, run.out)
+    run.say(f"wrote {run.out}")
+    return _result(run, best, attempts, summary, str(Path(input_path)), t_start)
+
+
+def prune_model(model, options: PruneOptions, *, progress: Callable[[str], None] | None = None,
+                input_label: str | None = None) -> tuple:
+    """``(pruned Model, PruneResult)``: ``prune_file`` without the files. ``model`` is never modified (the
+    pipeline works on a clone); the result's ``output`` is None and its ``input`` is ``input_label``. The same
+    exit codes as ``prune_file``."""
+    t_start = time.perf_counter()
+    run = _setup(model.clone(), options, progress or (lambda _m: None))
+    best, attempts, summary = _prune(run)
+    return best.model, _result(run, best, attempts, summary, input_label, t_start)
+
+
+def _prune(run: _Run) -> tuple[_Attempt, list[dict], dict]:
+    """Every step between loading and saving; the best attempt carries the ``prune.alcs`` record."""
     dense_proto = _measure_dense(run)
     _latency_table(run, dense_proto)
+    _skip_groups(run)
     _plan_budget(run)
     _check_feasible(run)
     _simd_notes(run)
@@ -500,9 +574,8 @@ def prune_file(input_path, output, options: PruneOptions, *,
     summary = _summary(run, best)
     rec = _prune_record(run, best, attempts, summary)
     best.model.provenance = list(best.model.provenance) + [rec]
-    save_checkpoint(best.model, run.out)
-    run.say(f"wrote {run.out}")
-    return _result(run, best, attempts, summary, input_path, t_start)
+    return best, attempts, summary
 
 
-__all__ = ["EXIT_BUDGET_MISSED", "EXIT_INFEASIBLE", "macs", "measure", "prune_file", "simd_report"]
+__all__ = ["EXIT_BUDGET_MISSED", "EXIT_INFEASIBLE", "macs", "measure", "prune_file", "prune_model", "simd_report",
+           "skipped_groups"]

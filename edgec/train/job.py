@@ -36,7 +36,7 @@ def _load_teacher(path, arch):
         return load_checkpoint(path)
     except EdgecError as exc:
         if arch and f"user architecture '{arch}'" in str(exc):
-            return load_checkpoint(path, arch=arch)
+            return load_checkpoint(path, arch)
         raise
 
 
@@ -145,7 +145,7 @@ def finetune_file(input_path, output, options: FinetuneOptions, *,
     output, rfile = _check_outputs(model_path, output, options)
 
     with D.session() as info:
-        model = load_checkpoint(model_path, arch=options.arch)
+        model = load_checkpoint(model_path, options)
         options.validate()
         mode = options.distill_mode()
         tmodel, teacher, teacher_source = _resolve_teacher(model_path, model, mode, options, output)

@@ -1,12 +1,16 @@
 """What ``finetune_file`` returns: a typed result whose ``to_dict()`` is the JSON the CLI prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from edgec.core.result import Result
 
 
 @dataclass(frozen=True)
-class FinetuneResult:
+class FinetuneResult(Result):
     """One fine-tuning run; every rank returns one, ``written`` is true on rank 0 only."""
+
+    SCHEMA = "edgec.finetune/1"
 
     output: str
     written: bool
@@ -35,6 +39,3 @@ class FinetuneResult:
     distill: dict
     seconds: float
     train_seconds: float
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,7 +1,11 @@
 """CLI behaviour: lazy imports, version, fold/export/inspect output, recipes and their exit codes."""
 import json
+import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -20,7 +24,7 @@ def test_help_and_version_do_not_import_torch(args):
 
 
 def test_zoo_list_json():
-    rows = json.loads(run_cli("zoo", "list", "--json", check=0).stdout)
+    rows = json.loads(run_cli("zoo", "list", "--json", check=0).stdout)["models"]
     assert {r["name"] for r in rows} == {"convtransformer", "conformer", "hafformer", "resnet", "bert"}
     assert all(r["params"] > 10_000 for r in rows)
 
@@ -175,9 +179,9 @@ def test_prune_meets_a_generous_budget_and_replays(tmp_path, conformer_ckpt):
 
     out = tmp_path / "p.pt"
     res = json.loads(run_cli("prune", conformer_ckpt, "--latency-ratio", "0.85", "-o", out, "--json", check=0).stdout)
-    assert res["measured_ms"] <= res["budget_ms"] and res["params_after"] < res["params_before"]
+    assert res["measured_ms"] <= res["budget_ms"] and res["params"] < res["before"]["params"]
     model = load_checkpoint(out)  # the prune.channels record replays the smaller structure
-    assert model.param_count() == res["params_after"]
+    assert model.param_count() == res["params"]
     alcs = [r for r in model.provenance if r["pass"] == "prune.alcs"][0]
     assert alcs["metrics"]["measured_ms"] == res["measured_ms"] and "estimated_ms" in alcs["metrics"]
     run_cli("export", out, "-o", tmp_path / "p.onnx", check=0)
@@ -193,3 +197,155 @@ def test_finetune_never_overwrites_its_inputs(tmp_path, conformer_ckpt):
         proc = run_cli("finetune", conformer_ckpt, "--data", data, "--epochs", "1", *extra)
         assert proc.returncode == 2 and "refusing to overwrite the input" in proc.stderr, proc.stderr
     assert data.read_bytes() == before and not (tmp_path / "ok.pt").exists()
+
+
+# --- CLI conventions: usage errors, -h, completion, JSON errors and schemas, progress in logs ----------------
+
+EDGEC = Path(sys.executable).parent / "edgec"  # the installed console script
+
+
+def run_edgec(*args, env=None):
+    """The installed entry point (``edgec``), as users and CI call it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "EDGEC_DEBUG"} | (env or {})
+    cmd = [str(EDGEC)] if EDGEC.exists() else [sys.executable, "-m", "edgec"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=600)
+
+
+@pytest.mark.parametrize("args, message, hint", [
+    ([], "Usage: edgec [OPTIONS] COMMAND", None),
+    (["fold", "--bogus"], "No such option: --bogus", "edgec fold -h"),
+    (["bogus"], "No such command 'bogus'", "edgec -h"),
+    (["finetune", "x.pt", "-o", "y.pt"], "Missing option '--data'", "edgec finetune -h"),
+    (["fold"], "Missing argument 'model'", "edgec fold -h"),
+    (["scaffold", "hrf", "m.pt", "--seed", "abc"], "Invalid value for '--seed'", "edgec scaffold hrf -h"),
+])
+def test_usage_errors_exit_2_with_clicks_message(args, message, hint):
+    proc = run_edgec(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stdout + proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    if hint:  # a real usage error: usage line, hint and message on stderr, nothing on stdout
+        assert proc.stdout == "" and f"Try '{hint}' for help." in proc.stderr and "Usage: edgec" in proc.stderr
+
+
+def _command_paths(cmd, prefix=()):
+    yield prefix
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from _command_paths(sub, (*prefix, name))
+
+
+def test_dash_h_on_every_command_and_group():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from edgec.app.cli import app
+
+    paths = list(_command_paths(get_command(app)))
+    assert ("fold",) in paths and ("scaffold", "hrf") in paths and ("zoo", "list") in paths and len(paths) >= 16
+    runner = CliRunner()
+    for path in paths:
+        short = runner.invoke(app, [*path, "-h"], prog_name="edgec")
+        assert short.exit_code == 0, (path, short.output)
+        assert f"Usage: {' '.join(('edgec', *path))}" in short.output
+        assert short.output == runner.invoke(app, [*path, "--help"], prog_name="edgec").output
+
+
+def test_shell_completion_script_and_answers_without_torch():
+    for instruction in ("bash_source", "source_bash"):  # click's spelling and typer's
+        proc = run_cli(env={"_EDGEC_COMPLETE": instruction}, check=0)
+        assert "_edgec_completion()" in proc.stdout and "complete -o" in proc.stdout and "_EDGEC_COMPLETE" in proc.stdout
+    proc = run_cli(env={"_EDGEC_COMPLETE": "zsh_source"}, check=0)
+    assert proc.stdout.lstrip().startswith("#compdef edgec")
+    # the shell's callback: completes commands and options, and never imports torch
+    answer = subprocess.run([sys.executable, "-X", "importtime", "-m", "edgec"], capture_output=True, text=True,
+                            env=dict(os.environ, _EDGEC_COMPLETE="complete_bash", COMP_WORDS="edgec fold --st",
+                                     COMP_CWORD="2"))
+    assert answer.returncode == 0 and answer.stdout.split() == ["--strict"], answer.stdout
+    assert not re.search(r"\|\s+torch$", answer.stderr, flags=re.M), "completion imported torch"
+    assert "edgec --install-completion" not in run_cli("--show-completion", "bash", check=0).stderr
+    assert "--install-completion" in run_cli("--help", check=0).stdout
+
+
+@pytest.mark.parametrize("args, code, kind, message", [
+    (["fold", "--bogus"], 2, "usage", "No such option: --bogus"),
+    (["bogus"], 2, "usage", "No such command 'bogus'."),
+    (["finetune", "x.pt", "-o", "y.pt"], 2, "usage", "Missing option '--data'."),
+    (["inspect", "missing.pt"], 2, "input", "no such file: missing.pt"),
+])
+def test_errors_under_json_are_one_object_on_stdout(tmp_path, args, code, kind, message):
+    proc = run_cli(*args, "--json", cwd=tmp_path)
+    assert proc.returncode == code
+    assert json.loads(proc.stdout) == {"schema": "edgec.error/1", "error": message, "exit_code": code, "kind": kind}
+    assert message.rstrip(".") in proc.stderr  # the human message stays on stderr
+    plain = run_cli(*args, cwd=tmp_path)
+    assert plain.returncode == code and plain.stdout == ""
+
+
+@pytest.mark.parametrize("exc, code, kind", [("CheckFailed('parity 1e-2 over 1e-4')", 1, "check"),
+                                             ("EdgecError('over budget', exit_code=5)", 5, "budget"),
+                                             ("ZeroDivisionError('division by zero')", 3, "internal")])
+def test_check_budget_and_internal_errors_under_json(exc, code, kind):
+    script = ("import sys\nfrom edgec.app import api\nfrom edgec.core.errors import CheckFailed, EdgecError\n"
+              f"def boom(*a, **k):\n    raise {exc}\n"
+              "api.inspect = boom\nsys.argv = ['edgec', 'inspect', 'x.pt', '--json']\n"
+              "from edgec.app.cli import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "EDGEC_DEBUG"})
+    assert proc.returncode == code, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert obj["exit_code"] == code and obj["kind"] == kind and obj["schema"] == "edgec.error/1"
+    if kind == "internal":
+        assert obj["error"] == "ZeroDivisionError: division by zero (rerun with --debug for the traceback)"
+        assert "internal error: ZeroDivisionError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+LOG_LINE = re.compile(r"^[^\x00-\x1f\x7f]+ \[\d+ s\]$")
+
+
+def test_progress_without_a_terminal_is_plain_lines_and_json_stays_pure(tmp_path, conformer_ckpt):
+    proc = run_cli("fold", conformer_ckpt, "-o", tmp_path / "f.pt", "--json", env={"EDGEC_PROGRESS_INTERVAL": "0.2"},
+                   check=0)
+    res = json.loads(proc.stdout)  # stdout: the result and nothing else
+    assert res["schema"] == "edgec.fold/1" and res["input"] == str(conformer_ckpt)
+    lines = proc.stderr.splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), proc.stderr
+    assert lines[0] == "folding [0 s]" and lines[-1].startswith("folding: done [")
+    assert any(line.startswith("folding: fold.") for line in lines), lines
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_log_lines_heartbeat_and_train_progress(capsys):
+    from edgec.app import render
+
+    with render.LogLines("work", interval=0.05) as log:
+        log.step("loading \x1b[1mx\x1b[0m\r")
+        time.sleep(0.4)
+        log.update("step 3")
+        time.sleep(0.2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "work [0 s]" and lines[1] == "work: loading x [0 s]"
+    assert lines.count("work: loading x [0 s]") >= 3  # repeated while nothing else happens
+    assert "work: step 3 [0 s]" in lines and lines[-1].startswith("work: done [")
+    assert all(LOG_LINE.match(line) for line in lines)
+
+    with render.TrainProgress() as progress:
+        progress({"event": "start", "start_epoch": 1, "steps_per_epoch": 2, "total_steps": 4})
+        progress({"event": "step", "epoch": 1, "epochs": 2, "global_step": 1, "loss": 1.5})
+        progress({"event": "epoch", "epoch": 1, "epochs": 2, "train_loss": 1.25, "monitor": "uar",
+                  "val": {"uar": 0.5, "accuracy": 0.75}, "best_epoch": 1, "is_best": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:3] == ["fine-tuning [0 s]", "fine-tuning: 4 steps from epoch 1 [0 s]",
+                         "fine-tuning: epoch 1/2: train loss 1.2500, val uar 0.5000, val accuracy 0.7500 * [0 s]"]
+
+
+def test_results_carry_their_schema(tmp_path):
+    out = tmp_path / "r.pt"
+    created = json.loads(run_cli("zoo", "create", "resnet", "--set", "base_width=4", "-o", out, "--json",
+                                 check=0).stdout)
+    assert created["schema"] == "edgec.zoo.create/1" and created["output"] == str(out)
+    assert created["file_bytes"] == out.stat().st_size
+    info = json.loads(run_cli("inspect", out, "--json", check=0).stdout)
+    assert info["schema"] == "edgec.inspect.checkpoint/1" and info["input"] == "r.pt"
+    assert info["digest"] == created["digest"] and info["params"] == created["params"]
+    listing = json.loads(run_cli("zoo", "list", "--json", check=0).stdout)
+    assert listing["schema"] == "edgec.zoo.list/1"

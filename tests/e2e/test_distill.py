@@ -232,7 +232,7 @@ def test_teacher_is_found_by_digest_and_recorded(tmp_path, teacher):
                                         distill="off")).to_dict()
     json.dumps(res)
     assert res["distill"]["teacher_file"] == "fp.pt" and res["distill"]["teacher_source"] == "scaffold provenance"
-    record = load_checkpoint(tmp_path / "out" / "ft.pt", arch=ARCH).provenance[-1]
+    record = load_checkpoint(tmp_path / "out" / "ft.pt", ARCH).provenance[-1]
     params = record["params"]
     assert params["distill"] == "off" and params["teacher"] == "fp.pt"
     assert params["teacher_digest"] == teacher.digest() == student.provenance[-1]["input_digest"]
@@ -265,7 +265,7 @@ def test_logits_only_distillation(tmp_path, teacher):
                                         distill="logits", kd_weight=1.0, kd_temperature=4.0)).to_dict()
     h = res["history"]
     assert all(r["train_loss"] == pytest.approx(r["train_kd_loss"]) for r in h)  # no task term at weight 1
-    params = load_checkpoint(tmp_path / "ft.pt", arch=ARCH).provenance[-1]["params"]
+    params = load_checkpoint(tmp_path / "ft.pt", ARCH).provenance[-1]["params"]
     assert params["distill"] == "logits" and params["kd_weight"] == 1.0 and params["teacher"] == "fp.pt"
     assert "off_layers" not in params
 
@@ -367,7 +367,7 @@ def test_torchrun_two_processes_with_off(tmp_path, teacher, kind):
     assert [r["rank"] for r in results] == [0, 1]
     assert results[0]["digest"] == results[1]["digest"]
     assert results[0]["off"] == results[1]["off"] and all(v > 0 for v in results[0]["off"])
-    model = load_checkpoint(tmp_path / "out" / "ft.pt", arch=ARCH)
+    model = load_checkpoint(tmp_path / "out" / "ft.pt", ARCH)
     assert model.digest() == results[0]["digest"] and model.provenance[-1]["params"]["world_size"] == 2
 
 

@@ -280,7 +280,7 @@ def test_finetune_file_interrupt_then_resume(tmp_path):
     json.dumps(result)  # JSON-able
     assert result["written"] and result["resumed_from"] == 2 and result["world_size"] == 1
     assert not resume_file.exists()  # removed after a successful save
-    model = load_checkpoint(out, arch=ARCH)
+    model = load_checkpoint(out, ARCH)
     record = model.provenance[-1]
     assert record["pass"] == "finetune" and record["checks"] == {}
     assert record["params"]["data"] == "clusters.pt" and record["params"]["world_size"] == 1

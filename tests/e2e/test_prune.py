@@ -281,7 +281,7 @@ def test_prune_meets_a_feasible_budget_as_measured(one_shot):
     assert out.is_file()
     assert result["measured_ms"] <= result["local_budget_ms"]
     assert result["budget_ms"] == pytest.approx(0.8 * result["dense_ms"])
-    assert result["params_after"] < result["params_before"] and result["flop_reduction"] > 1.0
+    assert result["params"] < result["before"]["params"] and result["flop_reduction"] > 1.0
     assert any(d < 1.0 for d in result["densities"].values())
     assert result["mode"] == "one-shot" and any("one-shot" in n for n in result["notes"])
     assert result["retries"] == len(result["attempts"]) - 1

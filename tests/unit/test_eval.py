@@ -67,9 +67,9 @@ def test_metrics_on_a_known_model(resnet_files):
     ce = torch.nn.functional.cross_entropy(f["logits_test"].double(), f["y_test"]).item()
     assert r["metrics"]["loss"] == pytest.approx(ce, rel=1e-9)
     assert r["latency"] is None and "disabled" in r["latency_note"]
-    assert r["format"] == "checkpoint" and r["arch"] == "resnet" and r["predictions_by"] == "torch"
+    assert r["kind"] == "checkpoint" and r["arch"] == "resnet" and r["predictions_by"] == "torch"
     assert r["params"] == f["model"].param_count()
-    assert r["file"] == "r.pt" and r["file_bytes"] == (f["dir"] / "r.pt").stat().st_size
+    assert r["input"] == "r.pt" and r["file_bytes"] == (f["dir"] / "r.pt").stat().st_size
     assert r["input_shape"] == [1, 8, 8]
 
 
@@ -84,8 +84,8 @@ def test_checkpoint_and_its_onnx_give_the_same_metrics(resnet_files):
     assert a["metrics"].keys() == b["metrics"].keys() == {"accuracy", "uar", "macro_f1", "loss"}
     for k in a["metrics"]:
         assert abs(a["metrics"][k] - b["metrics"][k]) <= 1e-6, k
-    assert b["format"] == "onnx" and b["arch"] == "resnet"
-    assert b["passes"] == ["zoo.create", "export.onnx"]
+    assert b["kind"] == "onnx" and b["arch"] == "resnet"
+    assert b["provenance_passes"] == ["zoo.create", "export.onnx"]
     assert a["checkpoint_digest"] == b["checkpoint_digest"]  # the .onnx names the checkpoint it came from
     assert 0 < b["params"] <= a["params"]  # initializers; the exporter folds BatchNorm away
     assert b["file_bytes"] == b["onnx_bytes"] == (f["dir"] / "r.onnx").stat().st_size

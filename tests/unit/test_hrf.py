@@ -135,7 +135,8 @@ def test_default_init_is_seeded_by_param(base):
 
 
 def test_no_ffn_is_a_clear_error(base):
-    with pytest.raises(PreconditionError, match=r"^no FFN found \(Linear → activation → Linear\) in resnet$"):
+    with pytest.raises(PreconditionError, match=r"^no FFN found \(Linear → activation → Linear\) in resnet: none "
+                                                r"of its 1 nn.Linear layer\(s\) is followed by an activation$"):
         HRFScaffold()(base("resnet"))
 
 

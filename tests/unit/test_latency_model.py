@@ -201,7 +201,7 @@ def test_input_shapes():
     assert shapes_mod.parse_input_shapes(spec, ["x=4x50x16"]) == {"x": (4, 50, 16)}
     assert shapes_mod.parse_input_shapes(spec, ["2,30,16"]) == {"x": (2, 30, 16)}
     for bad, msg in [("x=1x20x15", "fixed at 16"), ("x=1x2x16", r"\[4, 512\]"), ("y=1x20x16", "no model input"),
-                     ("x=1x20", "3 axes"), ("x=ax2", "positive integers")]:
+                     ("x=1x20", "3 axes"), ("x=1x2.5x16", "bad dimension .2.5.")]:
         with pytest.raises(EdgecError, match=msg):
             shapes_mod.parse_input_shapes(spec, [bad])
 
