@@ -49,6 +49,8 @@ class LatencyModel:
         self.table = table
         self.remainder = float(table["remainder_ms"])
         self.dense = float(table["dense"]["median_ms"])
+        # no graph runs faster than an empty one (Identity); tables from before this field: no bound
+        self.overhead = float(table.get("run_overhead_ms") or 0.0)
         self.curves: dict[str, dict[str, tuple[list, list]]] = {}
         self.widths: dict[str, int] = {}
         self.interactions = [(i["out_unit"], i["in_unit"], float(i["slope_ms"])) for i in table.get("interactions", [])]
@@ -119,7 +121,9 @@ class LatencyModel:
         its fastest measured point; with interactions ``ms`` is the estimate of that configuration (the
         correction terms are >= 0, so a mix with some units less pruned can in principle estimate a little
         lower — never by more than the correction, which is reported by :meth:`breakdown`). ``patterns``
-        limits the patterns (default: all profiled); ``floor`` ignores points below that density."""
+        limits the patterns (default: all profiled); ``floor`` ignores points below that density. ``ms`` is
+        never below the table's measured run overhead: a calibrated remainder can be negative (units timed
+        alone overlap), and a budget below what an empty graph takes is unreachable whatever the sum says."""
         allowed = None if patterns is None else set(_pattern_names(patterns))
         choice, total = {}, self.remainder
         for name, per in self.curves.items():
@@ -138,7 +142,7 @@ class LatencyModel:
             total += best[0]
         if self.interactions:  # not separable any more: the estimate of the per-unit choice
             total = self.estimate({n: (p, s) for n, (p, s) in choice.items() if p != "dense"})
-        return {"ms": float(total), "densities": choice}
+        return {"ms": max(float(total), self.overhead), "densities": choice}
 
     def min_latency(self, patterns=None, floor: float | None = None) -> float:
         return self.min_config(patterns, floor)["ms"]
