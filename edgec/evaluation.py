@@ -21,6 +21,7 @@ from edgec.data import load_data
 from edgec.data.bundle import TensorPairDataset
 from edgec.models.checkpoint import load_checkpoint
 from edgec.onnx.export import read_provenance, to_onnx
+from edgec.onnx.reader import parse_onnx, read_onnx
 from edgec.onnx.session import create_session, machine_key, measure_session
 
 DEFAULT_BATCH_SIZE = 64
@@ -282,21 +283,10 @@ def _name(source) -> str:
 
 
 def _onnx_file(path: Path):
-    if not path.exists():
-        raise EdgecError(f"no such file: {path}")
-    if path.is_dir():
-        raise EdgecError(f"{path} is a directory, not an ONNX file")
-    data = path.read_bytes()
-    if not data:
-        raise EdgecError(f"{path} is empty")
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise EdgecError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-    if not proto.graph.node and not proto.graph.output:
+    """``(bytes, proto)``, checked by edgec.onnx.reader; eval also needs at least one node."""
+    data, proto = read_onnx(path)
+    if not proto.graph.node:
         raise EdgecError(f"{path} is not a readable ONNX file (empty graph)")
-    if any(t.data_location == 1 for t in proto.graph.initializer):  # EXTERNAL
-        raise EdgecError(f"{path} keeps its weights in external data files; edgec evaluates single-file ONNX only")
     return data, proto
 
 
@@ -352,16 +342,10 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
     is_onnx = is_onnx_file(path)
     _say(progress, f"loading {path.name}")
     target, config, records = _load_target(path, is_onnx, arch)
-    # One protocol: featurise audio the way the model was fine-tuned unless told otherwise.
-    trained = next((r.get("params", {}).get("data_options") or {} for r in reversed(records)
-                    if isinstance(r, dict) and r.get("pass") == "finetune"), {})
-    if n_mels is None:
-        n_mels = trained.get("n_mels") or (config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40)
-    if frames is None:
-        frames = trained.get("frames") or 200
     _say(progress, f"loading data {_name(data_source)}")
-    bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
-                       val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize)
+    bundle, n_mels, frames = load_eval_data(data_source, config, records, n_mels=n_mels, frames=frames,
+                                            sample_rate=sample_rate, val_fraction=val_fraction, seed=seed,
+                                            cache_dir=cache_dir, normalize=normalize)
     result = evaluate_model(target, bundle, split=split, batch_size=batch_size, threads=threads,
                             latency_batch=latency_batch, latency=latency, ort_config=ort_config, warmup=warmup,
                             repeats=repeats, min_seconds=min_seconds, return_predictions=return_predictions,
@@ -373,14 +357,28 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
     return result
 
 
+def load_eval_data(data_source, config: dict, records: list, *, n_mels: int | None = None,
+                   frames: int | None = None, sample_rate: int = 16000, val_fraction: float = 0.2, seed: int = 0,
+                   cache_dir: str | None = None, normalize: str = "utterance") -> tuple:
+    """``(bundle, n_mels, frames)``: the data featurised the way the model was fine-tuned (its last ``finetune``
+    record's data options, else its config's ``n_mels`` and 200 frames) unless told otherwise. One protocol:
+    ``edgec eval`` and the quality gates (edgec.app.gates) score the same items."""
+    trained = next((r.get("params", {}).get("data_options") or {} for r in reversed(records)
+                    if isinstance(r, dict) and r.get("pass") == "finetune"), {})
+    if n_mels is None:
+        n_mels = trained.get("n_mels") or (config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40)
+    if frames is None:
+        frames = trained.get("frames") or 200
+    bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
+                       val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize)
+    return bundle, n_mels, frames
+
+
 def _load_target(path: Path, is_onnx: bool, arch: str | None) -> tuple[object, dict, list]:
     """``(target for evaluate_model, model config, provenance records)`` of a checkpoint or ONNX file."""
     if is_onnx:
         data, proto = _onnx_file(path)
-        try:
-            prov = read_provenance(proto)
-        except ValueError:
-            prov = None
+        prov = read_provenance(proto, str(path))
         return (data, proto), (prov or {}).get("config") or {}, (prov or {}).get("passes") or []
     model = load_checkpoint(path, arch)  # arch: a str or SourceOptions
     config = model.config or {}
@@ -493,17 +491,10 @@ def _prepare_onnx(target, first_item, latency: bool, threads: int, ort_config: d
                   notes: list) -> _Prepared:
     """Predictions and latency in one onnxruntime session; model facts from the edgec provenance metadata."""
     if isinstance(target, (bytes, bytearray)):
-        try:
-            data, proto = bytes(target), onnx.load_model_from_string(bytes(target))
-        except Exception as exc:  # protobuf DecodeError
-            raise EdgecError(f"not a readable ONNX model ({type(exc).__name__})") from None
+        data, proto = bytes(target), parse_onnx(bytes(target))
     else:
         data, proto = target
-    try:
-        prov = read_provenance(proto) or {}
-    except ValueError:
-        prov = {}
-        notes.append("edgec provenance metadata is unreadable")
+    prov = read_provenance(proto) or {}  # malformed metadata: an EdgecError naming the field
     if not prov:
         notes.append("no edgec provenance in the file: arch unknown")
     config = prov.get("config") or {}

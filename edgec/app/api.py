@@ -157,8 +157,8 @@ def scaffold(kind: str, input_path: str | Path, output: str | Path | None, optio
              progress=None) -> ScaffoldResult:
     """Insert a training scaffold (``kind``: hrf, sttn, dlt, binary) with the pass's parameters
     (:func:`pass_params`)."""
+    out = _out_path(input_path, output, f".{kind}.pt")  # refused before any work
     model = load(input_path, options)
-    out = _out_path(input_path, output, f".{kind}.pt")
     before = _model_summary(model)
     scaffolded, records = run_passes(model, [f"scaffold.{kind}"], {f"scaffold.{kind}": pass_params(options)},
                                      progress)
@@ -204,8 +204,8 @@ def fold_model(model, progress=None) -> tuple:
 
 def fold(input_path: str | Path, output: str | Path | None = None, options: FoldOptions = FoldOptions(),
          progress=None) -> FoldResult:
-    model = load(input_path, options)
     out = _out_path(input_path, output, ".folded.pt")
+    model = load(input_path, options)
     before = _model_summary(model)
     folded, records, summary, skipped = fold_model(model, progress)
     passes = [{"pass": r["pass"], "modified": r["modified"], "summary": r["summary"], "checks": r["checks"]}
@@ -221,16 +221,32 @@ def export(input_path: str | Path, output: str | Path | None = None,
            options: ExportOptions = ExportOptions()) -> ExportResult:
     """Verified ONNX; ``weights`` auto|fp32|int2 (auto: INT2 where the graph has ternary/binary layers),
     ``forms`` measure|dq|matmulnbits (how INT2 Linear layers are stored; measure = fastest per layer)."""
+    out = _out_path(input_path, output, ".onnx")
     model = load(input_path, options)
-    return export_model(model, _out_path(input_path, output, ".onnx"), options, input_label=str(input_path))
+    return export_model(model, out, options, input_label=str(input_path))
 
 
 def export_model(model, out: Path, options: ExportOptions, input_label: str | None = None) -> ExportResult:
-    """Export an in-memory ``Model`` to ``out`` (already checked as an output path), verified, atomically."""
+    """Export an in-memory ``Model`` to ``out`` (already checked as an output path), verified, with its model
+    card (edgec.app.card) embedded and written beside it, after the quality gates (edgec.app.gates): a failed
+    gate writes ``<out>.rejected`` instead and raises GateFailed (exit 1)."""
+    from edgec.app import card as model_card
+    from edgec.app import gates
     from edgec.onnx.export import export as export_onnx
 
-    data, record = export_onnx(model, opset=options.opset, weights=options.weights, forms=options.forms)
-    atomic_write(out, data)
+    checks = gates.from_options(options)
+    gates.require_data(checks, options.data, "export")
+    gates.check_task(checks, model.spec.task, "export")
+    card_out = check_output(model_card.card_path(out), input_label, options.data)
+    check_output(gates.rejected_path(out), input_label, options.data)
+    bundle = gates.load_model_data(options.data, model) if options.data is not None else None
+    data, record = export_onnx(model, opset=options.opset, weights=options.weights, forms=options.forms,
+                               threads=int(options.threads))
+    measured = gates.measure_export(model, data, bundle, checks, int(options.threads))
+    data, card, report = model_card.attach(data, model_card.base_card(model, record, measured),
+                                           gates.decide_size(checks, measured))
+    gates.write_or_reject(out, data, report)
+    atomic_write(card_out, model_card.markdown(card).encode())
     parity = record["checks"]["ort_parity"]
     lowbit = record.get("lowbit") or {}
     return ExportResult(input=input_label, output=str(out), file_bytes=len(data),
@@ -238,7 +254,7 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
                         weights=record["params"]["weights"], params=model.param_count(), checks=record["checks"],
                         max_rel_error=parity["rel_error"], provenance_records=len(model.provenance) + 1,
                         size=record.get("size"), lowbit_layers=lowbit.get("layers"),
-                        fp32_layers=lowbit.get("fp32_layers"))
+                        fp32_layers=lowbit.get("fp32_layers"), card=str(card_out), gates=report)
 
 
 # --- training, evaluation, latency, pruning ---------------------------------------------------------
@@ -284,8 +300,10 @@ def profile(input_path: str | Path, output: str | Path | None = None, options: P
     measured on the target device instead (key checked)."""
     from edgec.latency import table as tbl
 
-    model = load(input_path, options)
     out = _out_path(input_path, output, ".latency.json")
+    if options.plot:
+        check_output(options.plot, input_path, options.table, others={"the table output": out})
+    model = load(input_path, options)
     result = _latency_table(model, options, progress)
     cache = result.pop("_cache", {})
     warnings = result.pop("load_warnings", [])
@@ -300,14 +318,22 @@ def profile(input_path: str | Path, output: str | Path | None = None, options: P
 
 
 def prune(input_path: str | Path, output: str | Path | None, options: PruneOptions, progress=None) -> PruneResult:
-    """ALCS pruning under a latency budget, measured in onnxruntime (see edgec.prune.run.prune_file).
-    Exit codes: 4 infeasible budget (refused before any work), 5 budget missed after the retries."""
-    from edgec.prune.run import prune_file
+    """ALCS pruning under a latency budget, measured in onnxruntime (see edgec.prune.run.prune_model), then
+    the accuracy damage (measured with data, else estimated) and the quality gates (edgec.app.gates).
+    Exit codes: 4 infeasible budget (refused before any work), 5 budget missed after the retries, 1 a failed
+    gate (the checkpoint goes to ``<output>.rejected``)."""
+    from edgec.app import gates
+    from edgec.prune.run import prune_model
 
     options.validate()
+    gates.require_data(gates.from_options(options), options.data, "prune")
     out = _out_path(input_path, output, ".pruned.pt")
     check_output(out, input_path, options.data, options.table)
-    return prune_file(input_path, out, options, progress=progress)
+    check_output(gates.rejected_path(out), input_path, options.data, options.table)
+    model = load(input_path, options)
+    gates.check_task(gates.from_options(options), model.spec.task, "prune")
+    pruned, result = prune_model(model, options, progress=progress, input_label=str(Path(input_path)))
+    return gates.release_pruned(model, pruned, result, out, options, progress)
 
 
 def inspect(path: str | Path, options: InspectOptions = InspectOptions()) -> CheckpointInfo | OnnxInfo:

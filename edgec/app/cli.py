@@ -21,6 +21,7 @@ from edgec.core.errors import (
     EXIT_INTERRUPTED,
     CheckFailed,
     EdgecError,
+    GateFailed,
     first_line,
 )
 from edgec.core.options import (
@@ -383,6 +384,8 @@ def fail(kind: str, message: str, exit_code: int, as_json: bool) -> None:
 
 
 def _error_kind(exc: EdgecError) -> str:
+    if isinstance(exc, GateFailed):
+        return "gate"
     if isinstance(exc, CheckFailed):
         return "check"
     return "budget" if exc.exit_code in (EXIT_BUDGET_INFEASIBLE, EXIT_BUDGET_MISSED) else "input"

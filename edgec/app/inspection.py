@@ -1,11 +1,12 @@
 """Describe a checkpoint or an ONNX file: architecture, size, ops, and the provenance chain."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
 from torch import nn
 
 from edgec.app.results import CheckpointInfo, OnnxInfo
@@ -14,6 +15,7 @@ from edgec.core.graph import Scaffold
 from edgec.layers.lowbit import lowbit_layers
 from edgec.models.checkpoint import load_checkpoint
 from edgec.onnx.export import read_provenance
+from edgec.onnx.reader import read_onnx
 
 
 def inspect_file(path: str | Path, arch: str | None = None) -> CheckpointInfo | OnnxInfo:
@@ -70,25 +72,23 @@ def inspect_checkpoint(path: Path, arch: str | None = None) -> CheckpointInfo:
 
 
 def inspect_onnx(path: Path) -> OnnxInfo:
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:
-        raise EdgecError(f"{path} is not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
+    """Counted from the checked proto (edgec.onnx.reader): element counts from dims, never by copying weights."""
+    _, proto = read_onnx(path)
+    provenance = read_provenance(proto, str(path)) or {}
     ops = Counter((n.domain + "::" if n.domain else "") + n.op_type for n in proto.graph.node)
-    params = 0
-    init_bytes = 0
+    params = init_bytes = 0
     dtypes = Counter()
     for init in proto.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        params += arr.size
-        init_bytes += len(init.raw_data) if init.raw_data else arr.nbytes
-        dtypes[onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name if init.data_type else "?"] += arr.size
+        n = math.prod(init.dims)
+        params += n
+        init_bytes += len(init.raw_data) if init.raw_data else n * _dtype(init.data_type).itemsize
+        dtypes[_dtype(init.data_type).name] += n
 
     def io(values):
-        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+        return [{"name": v.name, "dtype": _dtype(v.type.tensor_type.elem_type).name if v.type.HasField("tensor_type")
+                 else v.type.WhichOneof("value") or "?",
                  "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
-    provenance = read_provenance(proto) or {}
     return OnnxInfo(
         kind="onnx", input=path.name, file_bytes=path.stat().st_size,
         ir_version=proto.ir_version, opsets={o.domain or "ai.onnx": o.version for o in proto.opset_import},
@@ -98,3 +98,8 @@ def inspect_onnx(path: Path) -> OnnxInfo:
         nodes=len(proto.graph.node), ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         arch=provenance.get("arch"), checkpoint_digest=provenance.get("checkpoint_digest"),
         provenance=provenance.get("passes", []))
+
+
+def _dtype(elem_type: int):
+    """numpy dtype of an ONNX element type (``object`` for the undefined type 0 of an untyped value)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else np.dtype(object)

@@ -238,6 +238,7 @@ def prune_to_latency(model: Model, *, latency_ms: float | None = None, latency_r
     """ALCS pruning to a latency budget measured in onnxruntime (``edgec prune``); ``(pruned Model,
     PruneResult)``. ``data``: a data source (path, ``package.module:function``) or a ``DataBundle``; without
     it the pruning is one-shot. ``options``: PruneOptions fields. Exit codes 4 (infeasible) and 5 (missed)."""
+    from edgec.app import gates
     from edgec.prune.run import prune_model
 
     model = _input(model, "prune_to_latency")
@@ -245,7 +246,10 @@ def prune_to_latency(model: Model, *, latency_ms: float | None = None, latency_r
                                                            latency_ratio=latency_ratio, data=data, strict=strict),
                     allow=("input_shape",))
     opts.validate()
-    return prune_model(model, opts, progress=progress)  # strict: refused inside, before any pruning
+    gates.require_data(gates.from_options(opts), data, "prune_to_latency")
+    gates.check_task(gates.from_options(opts), model.spec.task, "prune_to_latency")
+    pruned, result = prune_model(model, opts, progress=progress)  # strict: refused inside, before any pruning
+    return pruned, gates.release_pruned(model, pruned, result, None, opts)  # damage; a failed gate raises
 
 
 # --- files --------------------------------------------------------------------------------------------

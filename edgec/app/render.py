@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 def error_line(label: str, message: str) -> None:
     """One line on stderr; the message is plain text (shapes like [3, 4] are not rich markup)."""
-    err_console.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
+    err_console.print(Text.assemble((f"{label}: ", "bold red"), plain(message)), soft_wrap=True)
 
 
 def print_json(obj) -> None:
@@ -49,28 +49,39 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
+def safe(value) -> Text:
+    """``value`` as rich ``Text``: never parsed as markup, and without escape sequences, control characters (but
+    newlines) or bidi overrides. Table cells, titles and tree labels go through it, because many hold strings read
+    from files (provenance, configs, names) that must reach the terminal as text and nothing else."""
+    if isinstance(value, Text):
+        return value
+    return Text(_CELL_ESCAPES.sub(" ", str(value)))
+
+
 def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=safe(title), show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
     table.add_column()
     for k, v in rows:
-        table.add_row(k, str(v))
+        table.add_row(safe(k), safe(v))
     return table
 
 
 def rows_table(title: str, columns: list[str], rows: list[list]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=safe(title), title_justify="left")
     for c in columns:
-        table.add_column(c)
+        table.add_column(safe(c))
     for r in rows:
-        table.add_row(*[str(x) for x in r])
+        table.add_row(*[safe(x) for x in r])
     return table
 
 
 # Progress when stderr is not a terminal (CI logs): plain lines, never control characters, elapsed seconds
 # rather than wall-clock times (logs stay comparable between runs). EDGEC_PROGRESS_INTERVAL: heartbeat seconds.
 LOG_INTERVAL_S = float(os.environ.get("EDGEC_PROGRESS_INTERVAL") or 5)
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"  # direction overrides: text that displays as other text
+_ESCAPES = re.compile(rf"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_CELL_ESCAPES = re.compile(rf"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x09\x0b-\x1f\x7f-\x9f{_BIDI}]")
 
 
 def plain(text: str) -> str:
@@ -189,24 +200,25 @@ def check_text(check: dict) -> str:
 
 
 def provenance_tree(title: str, records: list[dict]) -> Tree:
-    tree = Tree(title)
+    """The records as a tree; every string in them came from a file, so each label is :func:`safe` text."""
+    tree = Tree(safe(title))
     for i, rec in enumerate(records):
-        label = f"[bold]{i + 1}. {rec.get('pass')}[/] v{rec.get('version', 1)}"
+        label = Text.assemble((f"{i + 1}. {plain(rec.get('pass'))}", "bold"), f" v{plain(rec.get('version', 1))}")
         if rec.get("summary"):
-            label += f" — {rec['summary']}"
+            label.append(f" — {plain(rec['summary'])}")
         node = tree.add(label)
         params = rec.get("params") or {}
         if params:
-            node.add("params: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items())))
+            node.add(safe("params: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))))
         for name, check in (rec.get("checks") or {}).items():
-            node.add(f"check {name}: {check_text(check)}")
+            node.add(safe(f"check {name}: {check_text(check)}"))
         metrics = rec.get("metrics")
         if metrics and "before" in metrics:
             b, a = metrics["before"], metrics["after"]
             node.add(f"params {human_count(b['params'])} → {human_count(a['params'])}, "
                      f"bytes {human_bytes(b['bytes'])} → {human_bytes(a['bytes'])}")
         if rec.get("output_digest"):
-            node.add(f"digest {rec['output_digest'][:16]}")
+            node.add(safe(f"digest {rec['output_digest'][:16]}"))
     return tree
 
 
@@ -359,6 +371,22 @@ def _with_skipped(table: Table, skipped: list[dict], what: str = "layer", *extra
     return Group(*[x for x in (table, *extra, skipped_table(skipped, what)) if x is not None])
 
 
+def gate_rows(report: dict | None) -> list[tuple[str, str]]:
+    """One row per quality gate (edgec.app.gates): limit, value and margin."""
+    rows = []
+    for g in (report or {}).get("checks", []):
+        name = f"gate {g['gate']}" + (f" {g['metric']}" if g.get("metric") else "")
+        value = "not measured" if g["value"] is None else f"{g['value']:.4g}"
+        margin = "" if g["margin"] is None else f", margin {g['margin']:+.4g}"
+        rows.append((name, f"{'ok' if g['passed'] else 'FAILED'}: {value} (limit {g['limit']:g}{margin})"))
+    return rows
+
+
+def warnings_text(notes: list) -> list[Text]:
+    """Notes that must not be missed (e.g. one-shot pruning's likely accuracy damage), in bold red."""
+    return [Text(str(n), style="bold red") for n in notes or [] if str(n).startswith("WARNING")]
+
+
 def prune_table(res: dict) -> Group:
     rows = [("output", res["output"]), ("mode", res["mode"]), ("pattern", f"{res['pattern']} → {res['pattern_chosen']}"),
             ("budget", f"{res['budget_ms']:.3f} ms"), ("dense (measured)", f"{res['dense_ms']:.3f} ms"),
@@ -373,7 +401,8 @@ def prune_table(res: dict) -> Group:
     skipped = res.get("skipped") or []
     changed = sum(1 for v in dens.values() if v < 1)
     rows.append(("groups", f"{changed} changed, {len(skipped)} skipped"))
-    return _with_skipped(kv_table("prune", rows), skipped, "group")
+    rows += gate_rows(res.get("gates"))
+    return _with_skipped(kv_table("prune", rows), skipped, "group", *warnings_text(res.get("notes")))
 
 
 def _io_list(values: list[dict]) -> str:
@@ -420,7 +449,8 @@ def fold_view(res: dict) -> Group:
     skipped = res.get("skipped") or []
     if res["folded"]:
         return _with_skipped(table, skipped)
-    return _with_skipped(table, skipped, "layer", f"[yellow]{res['summary']}[/] (copied unchanged to {res['output']})")
+    return _with_skipped(table, skipped, "layer", Text.assemble((plain(res["summary"]), "yellow"),
+                                                                f" (copied unchanged to {plain(res['output'])})"))
 
 
 def _lowbit_rows(res: dict) -> list[tuple]:
@@ -444,7 +474,9 @@ def export_table(res: dict) -> Table:
     for name, p in parity["parity"].items():
         rows.append((f"ORT parity {name.replace('_', ' ')} {p['shape']}", check_text(p | {
             "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
-    return kv_table("export", rows)
+    if res.get("card"):
+        rows.append(("model card", f"{res['card']} (and metadata 'edgec.card')"))
+    return kv_table("export", rows + gate_rows(res.get("gates")))
 
 
 def _inspect_rows(res: dict) -> list[tuple]:
@@ -475,9 +507,11 @@ def inspect_view(res: dict, layers: bool = False) -> Group:
 
 def plan_table(recipe, plan: dict) -> Table:
     """A recipe's dry run (``plan.describe()``)."""
+    gates = plan.get("gates")
     return rows_table(f"plan: {recipe} → {plan['out_dir']}", ["#", "step", "parameters"], [
         [i + 1, s["run"], ", ".join(f"{k}={v}" for k, v in s["params"].items())]
-        for i, s in enumerate(plan["steps"])])
+        for i, s in enumerate(plan["steps"])] + ([["", "gates", ", ".join(f"{k}={v}" for k, v in gates.items())]]
+                                                  if gates else []))
 
 
 def step_details(run: str, res: dict) -> str:
@@ -510,14 +544,22 @@ def step_details(run: str, res: dict) -> str:
 
 def report_view(report: dict) -> Group:
     """A recipe run's report: one row per step, then where the report and the last artifact are."""
-    table = Table(title=f"recipe {report['name']}: {report['status']}", title_justify="left")
+    table = Table(title=safe(f"recipe {report['name']}: {report['status']}"), title_justify="left")
     for col in ("#", "step", "status", "s", "output", "details"):
         table.add_column(col)
     for e in report["steps"]:
         res = e.get("result") or {}
         details = e.get("error") or step_details(e["run"], res)
-        table.add_row(str(e["step"]), e["run"], e["status"], f"{e['seconds']:.1f}", Path(str(res.get("output", "-"))).name,
-                      details)
+        table.add_row(*map(safe, (e["step"], e["run"], e["status"], f"{e['seconds']:.1f}",
+                                  Path(str(res.get("output", "-"))).name, details)))
     outputs = [e["result"]["output"] for e in report["steps"] if e.get("result", {}).get("output")]
     footer = Text(f"report: {report['out_dir']}/report.json" + (f"   artifact: {outputs[-1]}" if outputs else ""))
-    return Group(table, footer)
+    gates = report.get("gates")
+    if not gates:
+        return Group(table, footer)
+    if "error" in gates:
+        return Group(table, Text(f"gates: {gates['error']}", style="bold red"), footer)
+    line = (f"gates on {gates['artifact']}: " + ("all passed" if gates["passed"] else "FAILED: "
+            + "; ".join(gates["failed"]) + f" (moved to {gates['rejected']})"))
+    return Group(table, kv_table("gates", gate_rows(gates)), Text(line, style="" if gates["passed"] else "bold red"),
+                 footer)

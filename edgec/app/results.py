@@ -87,6 +87,8 @@ class ExportResult(Result):
     size: dict | None
     lowbit_layers: list | None
     fp32_layers: list | None
+    card: str | None = None  # the model card written beside the ONNX file (edgec.app.card)
+    gates: dict | None = None  # the quality gates' report (edgec.app.gates.judge); None when none were set
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,17 @@ class CheckFailed(EdgecError):
     exit_code = EXIT_CHECK_FAILED
 
 
+class GateFailed(CheckFailed):
+    """A quality gate (edgec.app.gates) failed on the final artifact: exit 1. ``gates`` is the gate report
+    (every gate, its limit, value and margin); ``rejected`` the file the artifact went to instead of the output
+    (None when nothing was written)."""
+
+    def __init__(self, message: str, gates: dict, rejected: str | None = None):
+        super().__init__(message)
+        self.gates = gates
+        self.rejected = rejected
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type name): enough for a one-line error."""
     text = str(exc).strip()

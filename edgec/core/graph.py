@@ -68,6 +68,17 @@ def digest_of(arch: str, config: dict, passes: list, state_dict: dict) -> str:
     return h.hexdigest()
 
 
+CONTAINER_FIELDS = ("format", "model", "passes", "provenance", "digest")
+
+
+def container_digest(container: dict) -> str:
+    """sha256 over everything a checkpoint holds besides its tensors (format, model description with spec and
+    capture, structural pass log, provenance) plus the model digest, which covers the tensors. ``digest_of``
+    stays the model's identity (records name models by it); this one seals the file's story as well."""
+    body = {k: container.get(k) for k in CONTAINER_FIELDS}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
 @dataclass
 class Model:
     gm: fx.GraphModule

@@ -26,7 +26,45 @@ from edgec.core.errors import EdgecError
 _ARCH_HELP = ("Architecture: a zoo name, path/to/file.py:Class or package.module:Class (default: the project "
               "file's).")
 _STRICT = "Exit 2 when any layer is skipped (CI)."
+# Quality gates (edgec.app.gates): checked on the final artifact; a failed gate exits 1 and writes <output>.rejected
+_MIN_METRIC = ("Gate: the artifact must score at least this on the data's test (else val) split, e.g. uar=0.85 "
+               "(repeatable; accuracy, uar, macro_f1, ccc).")
+_MAX_DROP = ("Gate: the metric (those of --min-metric, else uar / ccc) may fall at most this much (absolute) below "
+             "the input model's, on the same data and split.")
+_MAX_LATENCY = "Gate: the artifact's measured median onnxruntime latency (ms) must not exceed this."
+_MAX_SIZE = "Gate: the artifact's file must not exceed this many KiB (1024 bytes)."
 DISTILL_MODES = ("none", "logits", "off")  # the same tuple as edgec.train.loop.DISTILL_MODES
+
+# Allowed values per field, for the CLI and recipes (edgec.app.params builds their schema from this): "choices",
+# bounds "ge"/"gt"/"le"/"lt", or a "pattern" with the "text" errors show. Keyed by field name, since a name means
+# the same thing in every command; "Class.field" overrides it for one command. Cross-field rules stay in validate().
+SEED_MAX = 2**63 - 1  # torch seeds are 64-bit; records store them as int64
+MIN_OPSET = 18  # the lowest opset torch's exporter writes (edgec.onnx.export checks the highest)
+DEVICE = {"pattern": r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", "text": "auto, cpu, mps, cuda or cuda:N"}
+PATTERN = {"pattern": r"(?i)^\s*(channel|simd:([2-9]|[1-9][0-9]+))\s*$", "text": "channel or simd:N (N >= 2)"}
+VALUE_RULES: dict[str, dict] = {
+    "seed": {"ge": 0, "le": SEED_MAX}, "epochs": {"ge": 1}, "admm_epochs": {"ge": 0}, "finetune_epochs": {"ge": 0},
+    "batch_size": {"ge": 1}, "batch": {"ge": 1}, "latency_batch": {"ge": 1}, "threads": {"ge": 1, "le": 1024},
+    "lr": {"ge": 0}, "weight_decay": {"ge": 0}, "warmup": {"ge": 0, "lt": 1}, "grad_clip": {"ge": 0},
+    "kd_weight": {"ge": 0, "le": 1}, "kd_temperature": {"gt": 0}, "off_weight": {"ge": 0},
+    "n_mels": {"ge": 1}, "frames": {"ge": 1}, "val_fraction": {"ge": 0, "lt": 1},
+    "latency_ms": {"gt": 0}, "latency_ratio": {"gt": 0, "le": 1}, "rho": {"ge": 0}, "max_retries": {"ge": 0},
+    "margin": {"ge": 0, "lt": 1}, "min_density": {"gt": 0, "le": 1}, "expand": {"ge": 1}, "group_size": {"ge": 0},
+    "opset": {"ge": MIN_OPSET}, "device": DEVICE, "pattern": PATTERN, "patterns": PATTERN,
+    "init": {"choices": ("default", "preserve")}, "weights": {"choices": ("auto", "fp32", "int2")},
+    "forms": {"choices": ("measure", "dq", "matmulnbits")}, "split": {"choices": ("train", "val", "test")},
+    "ScaffoldTernaryOptions.method": {"choices": ("sttn", "dlt")},
+    "ScaffoldTernaryOptions.activations": {"choices": ("none", "ternary")},
+    "ScaffoldBinaryOptions.activations": {"choices": ("none", "binary")},
+}
+
+
+def value_rule(cls: type, name: str) -> dict:
+    """The rule of ``cls``'s field ``name`` (empty when any value of its type goes)."""
+    for klass in cls.__mro__:
+        if f"{klass.__name__}.{name}" in VALUE_RULES:
+            return VALUE_RULES[f"{klass.__name__}.{name}"]
+    return VALUE_RULES.get(name, {})
 
 
 def _opt(default, help: str | None, **meta):
@@ -45,6 +83,8 @@ class SourceOptions:
                                                "shape profile/prune measure at.")
     trust_pickle: bool = _opt(False, "Allow a checkpoint that is a whole pickled module (runs its code: only "
                                      "for files you trust).", recipe=False)
+    no_verify: bool = _opt(False, "Load an edgec checkpoint whose digests are missing or do not match its weights "
+                                  "and provenance (an old, damaged or edited file); the schema is still checked.")
 
 
 @dataclass(frozen=True)
@@ -129,14 +169,19 @@ class PruneOptions(SourceOptions):
     rho: float = _opt(1e-3, "ADMM penalty ρ.")
     lr: float = _opt(1e-3, "Learning rate for ADMM and fine-tuning.")
     min_density: float | None = _opt(None, "Keep at least this fraction of every group.")
-    max_retries: int = _opt(3, "Tighten and retry when the measured latency misses.")
+    max_retries: int = _opt(3, "Retries when the measured latency misses (retry k aims 0.95^(k(k+1)/2) lower: 5, 14, 26, 40 %…).")
+    margin: float = _opt(0.0, "Aim the allocation this fraction below the budget (room for measurement noise "
+                              "and latency-model error; e.g. 0.05).")
     seed: int = _opt(0, "Seed.")
+    min_metric: list[str] | dict | None = _opt(None, _MIN_METRIC)
+    max_metric_drop: float | None = _opt(None, _MAX_DROP)
+    max_latency_ms: float | None = _opt(None, _MAX_LATENCY)
+    max_size_kb: float | None = _opt(None, _MAX_SIZE)
     n_mels: int | None = _opt(None, None)
     frames: int | None = _opt(None, None)
     # API-only (no CLI option, not recipe parameters)
     val_fraction: float | None = _opt(None, None, cli=None, recipe=False)
     batch_size: int = _opt(32, "Batch size of ADMM and fine-tuning.", cli=None, recipe=False)
-    margin: float = _opt(0.0, "Aim this fraction below the budget.", cli=None, recipe=False)
     densities: list[float] | None = _opt(None, "Profiling grid when a table is measured (default: "
                                                "edgec.latency.profiling.DEFAULT_DENSITIES).", cli=None, recipe=False)
     profile_options: dict | None = _opt(None, "Passed to the profiler.", cli=None, recipe=False)
@@ -261,6 +306,13 @@ class ExportOptions(SourceOptions):
     weights: str = _opt("auto", "auto (INT2 where the graph is ternary/binary) | fp32 | int2.")
     forms: str = _opt("measure", "INT2 Linear storage: measure (fastest per layer) | dq (DequantizeLinear) | "
                                  "matmulnbits.")
+    data: str | None = _opt(None, "Data the metric gates score the exported file on (its test, else val split; "
+                                  "also fills the model card's metrics and class labels).")
+    threads: int = _opt(1, "onnxruntime threads for the latency gate and for timing INT2 forms.")
+    min_metric: list[str] | dict | None = _opt(None, _MIN_METRIC)
+    max_metric_drop: float | None = _opt(None, _MAX_DROP)
+    max_latency_ms: float | None = _opt(None, _MAX_LATENCY)
+    max_size_kb: float | None = _opt(None, _MAX_SIZE)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from edgec.core.errors import CheckFailed, EdgecError
+from edgec.core.errors import CheckFailed, EdgecError, first_line
 from edgec.core.graph import Model
 from edgec.core.provenance import record as provenance_record
 from edgec.core.provenance import structural
+from edgec.core.schema import check_pass_log
 
 
 class PreconditionError(EdgecError):
@@ -163,12 +164,29 @@ def get_pass(name: str) -> type[Pass]:
     return getattr(importlib.import_module(module), cls)
 
 
-def replay(model: Model, records: list[dict]) -> Model:
-    """Rebuild structure by re-running recorded structural passes from their parameters."""
-    for rec in records:
+def replay(model: Model, records: list[dict], *, max_elements: int | None = None, what: str = "checkpoint") -> Model:
+    """Rebuild structure by re-running recorded structural passes from their parameters.
+
+    ``records`` are checked first (known passes, known parameters within bounds: edgec.core.schema), so a file
+    cannot make a pass allocate without limit; ``max_elements`` bounds the weights and buffers the model may hold
+    after any step. A record that does not fit the model is an EdgecError naming it, never a crash."""
+    check_pass_log(records, what)
+    for i, rec in enumerate(records):
         cls = get_pass(rec["pass"])
-        if rec.get("version", 1) > cls.version:
-            raise EdgecError(f"checkpoint needs pass {rec['pass']} v{rec['version']}; this edgec has v{cls.version}")
-        model = cls(**rec.get("params", {}))(model, replay=True).model
+        if rec["version"] > cls.version:
+            raise EdgecError(f"{what} needs pass {rec['pass']} v{rec['version']}; this edgec has v{cls.version}")
+        where = f"{what}: passes[{i}] ({rec['pass']})"
+        try:
+            model = cls(**rec.get("params", {}))(model, replay=True).model
+        except EdgecError as exc:
+            raise EdgecError(f"{where} cannot be replayed on {model.arch}: {exc}") from None
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # parameters that do not fit
+            raise EdgecError(f"{where} cannot be replayed on {model.arch}: {type(exc).__name__}: "
+                             f"{first_line(exc)}") from None
         model.passes.append(dict(rec))
+        if max_elements is not None:
+            held = sum(t.numel() for t in model.gm.state_dict().values())
+            if held > max_elements:
+                raise EdgecError(f"{where} grows the model to {held:,} elements, more than the {max_elements:,} "
+                                 "this file's weights allow; refusing it")
     return model

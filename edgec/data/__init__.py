@@ -14,15 +14,17 @@ import os
 
 from edgec.core.errors import EdgecError
 from edgec.data.audio import load_audio_folder
-from edgec.data.bundle import SPLIT_NAMES, DataBundle, TensorPairDataset
+from edgec.data.bundle import MAX_CLASSES, SPLIT_NAMES, DataBundle, TensorPairDataset, check_fits
 from edgec.data.entrypoint import is_entry_point, load_entry_point
 from edgec.data.features import compute_features, feature_params, log_mel
 from edgec.data.tensors import TENSOR_SUFFIXES, load_tensor_file
 
 __all__ = [
     "DataBundle",
+    "MAX_CLASSES",
     "SPLIT_NAMES",
     "TensorPairDataset",
+    "check_fits",
     "compute_features",
     "feature_params",
     "load_data",

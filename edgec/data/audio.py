@@ -12,7 +12,6 @@ import io
 import json
 import os
 import struct
-import wave
 
 import numpy as np
 import torch
@@ -47,15 +46,26 @@ def default_cache_dir() -> str:
 
 
 # --------------------------------------------------------------------------------------------- WAV
-def wav_format(raw: bytes, where: str) -> tuple[int, int, int, int]:
-    """(format_tag, channels, sample_rate, bits) from the fmt chunk; the real tag for EXTENSIBLE."""
-    if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
-        raise EdgecError(f"{where}: not a WAV file (no RIFF/WAVE header)")
+def _chunks(raw: bytes, where: str):
+    """``(id, body)`` of each RIFF chunk. A chunk claiming more bytes than the file holds is malformed, except
+    ``data``, whose size streaming writers leave open: its body is what the file has."""
     pos = 12
     while pos + 8 <= len(raw):
         cid = raw[pos : pos + 4]
         (size,) = struct.unpack("<I", raw[pos + 4 : pos + 8])
-        body = raw[pos + 8 : pos + 8 + size]
+        end = pos + 8 + size
+        if end > len(raw) and cid != b"data":
+            raise EdgecError(f"{where}: malformed WAV (its '{repr(cid)[2:-1]}' chunk claims {size} bytes, the file "
+                             f"has {len(raw) - pos - 8} after it)")
+        yield cid, raw[pos + 8 : end]
+        pos = end + (size & 1)
+
+
+def wav_format(raw: bytes, where: str) -> tuple[int, int, int, int]:
+    """(format_tag, channels, sample_rate, bits) from the fmt chunk; the real tag for EXTENSIBLE."""
+    if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
+        raise EdgecError(f"{where}: not a WAV file (no RIFF/WAVE header)")
+    for cid, body in _chunks(raw, where):
         if cid == b"fmt ":
             if len(body) < 16:
                 raise EdgecError(f"{where}: malformed WAV (fmt chunk of {len(body)} bytes)")
@@ -63,39 +73,21 @@ def wav_format(raw: bytes, where: str) -> tuple[int, int, int, int]:
             if tag == 0xFFFE and len(body) >= 26:
                 (tag,) = struct.unpack("<H", body[24:26])  # first two bytes of the sub-format GUID
             return tag, channels, rate, bits
-        pos += 8 + size + (size & 1)
     raise EdgecError(f"{where}: malformed WAV (no fmt chunk)")
 
 
-def _data_chunk(raw: bytes) -> bytes:
-    pos = 12
-    while pos + 8 <= len(raw):
-        cid = raw[pos : pos + 4]
-        (size,) = struct.unpack("<I", raw[pos + 4 : pos + 8])
-        if cid == b"data":
-            return raw[pos + 8 : pos + 8 + size]
-        pos += 8 + size + (size & 1)
-    return b""
-
-
 def decode_wav(raw: bytes, where: str, sample_rate: int) -> torch.Tensor:
-    """Mono float64 waveform in [-1, 1] from the bytes of a 16-bit PCM WAV at `sample_rate`."""
+    """Mono float64 waveform in [-1, 1] from the bytes of a 16-bit PCM WAV at `sample_rate`. The chunks are
+    parsed here (not by the wave module, which seeks wherever a corrupt size points)."""
     tag, channels, rate, bits = wav_format(raw, where)
     if tag != 1 or bits != 16:
         name = FORMAT_TAGS.get(tag, f"format tag {tag}")
         raise EdgecError(f"{where}: not 16-bit PCM (found {name}, {bits}-bit); convert it to 16-bit PCM WAV")
     if rate != sample_rate:
         raise EdgecError(f"{where}: sample rate {rate} Hz, expected {sample_rate} Hz; resample the file or pass sample_rate={rate}")
-    try:
-        with wave.open(io.BytesIO(raw), "rb") as w:
-            channels = w.getnchannels()
-            data = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as e:
-        if "unknown format" not in str(e):  # Python < 3.12 refuses WAVE_FORMAT_EXTENSIBLE: read the chunk
-            raise EdgecError(f"{where}: unreadable WAV ({e})") from None
-        data = _data_chunk(raw)
     if channels < 1:
         raise EdgecError(f"{where}: WAV declares {channels} channels")
+    data = next((body for cid, body in _chunks(raw, where) if cid == b"data"), b"")
     usable = len(data) // (2 * channels) * (2 * channels)
     if usable == 0:
         raise EdgecError(f"{where}: WAV has no audio samples")

@@ -9,6 +9,30 @@ from torch.utils.data import Dataset, Subset
 from edgec.core.errors import EdgecError
 
 SPLIT_NAMES = ("train", "val", "test")
+# Without class names a classifier has max id + 1 classes: an id beyond this is a corrupt label, and naming
+# every class up to it would allocate a list that long.
+MAX_CLASSES = 1_000_000
+
+
+def check_class_ids(top: int, where: str) -> None:
+    """Refuse a class id too large to be one (see MAX_CLASSES)."""
+    if top >= MAX_CLASSES:
+        raise EdgecError(f"{where}: class id {top} is not plausible (more than {MAX_CLASSES} classes); "
+                         "targets must be class ids 0..C-1")
+
+
+def check_plain_tensor(t: torch.Tensor, where: str) -> None:
+    """Data tensors are dense and hold their values: a sparse, quantized or meta tensor (no data), or an
+    expanded view claiming more elements than its storage holds, is refused."""
+    if t.layout != torch.strided:
+        raise EdgecError(f"{where} is a {str(t.layout).replace('torch.', '')} tensor; store a dense tensor")
+    if t.is_meta or t.device.type != "cpu":
+        raise EdgecError(f"{where} is on device '{t.device.type}' (no data); store a CPU tensor")
+    if t.is_quantized:
+        raise EdgecError(f"{where} is a quantized tensor; store plain numbers")
+    stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    if t.numel() > stored:  # an expanded view (stride 0): copying it would allocate every repeated element
+        raise EdgecError(f"{where} is a view of {t.numel()} elements over a storage of {stored}; store the values")
 
 
 class TensorPairDataset(Dataset):
@@ -142,3 +166,28 @@ class DataBundle:
             lines.append(f"  {note}")
         lines.append(f"  digest: {self.digest[:16]}")
         return "\n".join(lines)
+
+
+def check_fits(bundle: DataBundle, spec, who: str = "the model") -> None:
+    """Refuse data whose items cannot feed the first input of ``spec`` (an ``edgec.core.spec.InputSpec``), by
+    the rule ``edgec eval`` applies: the same number of axes after the batch axis, every fixed size equal,
+    every dynamic size within its bounds, and integer data for token-id inputs. A model that happens to run on
+    other sizes (adaptive pooling) would train on data its export refuses."""
+    if not spec.inputs:
+        return
+    first = spec.inputs[0]
+    dims, shape = list(first.dims)[1:], tuple(int(s) for s in bundle.input_shape)
+    want = "[" + ", ".join(str(d) if isinstance(d, int) else f"{d.name}" for d in first.dims) + "]"
+    where = f"data {bundle.source} does not fit {who}: each item has shape {list(shape)} but its input " \
+            f"'{first.name}' is {want}"
+    if len(shape) != len(dims):
+        raise EdgecError(f"{where} ({len(dims)} axes after the batch axis, the data has {len(shape)})")
+    for axis, (got, dim) in enumerate(zip(shape, dims), start=1):
+        if isinstance(dim, int) and got != dim:
+            raise EdgecError(f"{where} (axis {axis}: the data has {got}, the model needs {dim})")
+        if not isinstance(dim, int) and not dim.min <= got <= dim.max:
+            raise EdgecError(f"{where} (axis {axis} '{dim.name}' must be in [{dim.min}, {dim.max}], the data has {got})")
+    dtype = bundle.input_dtype
+    if str(first.dtype).startswith("int") and dtype is not None and (dtype.is_floating_point or dtype.is_complex):
+        raise EdgecError(f"data {bundle.source} does not fit {who}: its input '{first.name}' takes {first.dtype} "
+                         f"token ids but the data items are {str(dtype).replace('torch.', '')}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from edgec.core.errors import EdgecError
-from edgec.data.bundle import DataBundle, TargetCastDataset, split_dataset
+from edgec.data.bundle import DataBundle, TargetCastDataset, check_class_ids, check_plain_tensor, split_dataset
 
 ENTRY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -34,7 +35,7 @@ def _resolve(source: str):
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(mod_name)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that calls exit() on import is bad input, not our exit
         raise EdgecError(f"data entry point {source}: cannot import '{mod_name}' ({type(e).__name__}: {e})".splitlines()[0]) from None
     finally:
         if added and cwd in sys.path:
@@ -42,8 +43,11 @@ def _resolve(source: str):
     fn = getattr(module, fn_name, None)
     if fn is None:
         raise EdgecError(f"data entry point {source}: module '{mod_name}' has no attribute '{fn_name}'")
-    if not callable(fn):
-        raise EdgecError(f"data entry point {source}: '{fn_name}' is a {type(fn).__name__}, not a function")
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or (isinstance(fn, type) and issubclass(fn, Dataset))):
+        # builtins and other callables (exit, input, print) are not data functions: calling them would exit,
+        # block or print rather than return data
+        raise EdgecError(f"data entry point {source}: '{fn_name}' is a {type(fn).__name__}, not a function "
+                         "returning data (builtins such as exit or input are refused)")
     return fn
 
 
@@ -56,6 +60,8 @@ def _item_target(source: str, split: str, i: int, item):
         y = torch.as_tensor(y)
     except Exception as e:
         raise EdgecError(f"data entry point {source}: {split} item {i} is not tensor-like ({type(e).__name__}: {e})".splitlines()[0]) from None
+    check_plain_tensor(x, f"data entry point {source}: {split} item {i} input")
+    check_plain_tensor(y, f"data entry point {source}: {split} item {i} target")
     return x, y
 
 
@@ -65,7 +71,7 @@ def _call(source: str):
         return fn()
     except EdgecError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise EdgecError(f"data entry point {source} raised {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
@@ -181,6 +187,7 @@ def _task_and_classes(source: str, task: str | None, classes: list | None, scan:
     if task != "classification":
         return task, None, None
     if classes is None:
+        check_class_ids(scan.top, f"data entry point {source}")
         classes = [str(i) for i in range(scan.top + 1)]
     elif scan.top >= len(classes):
         raise EdgecError(f"data entry point {source}: class id {scan.top} is out of range for {len(classes)} classes")

@@ -17,11 +17,19 @@ import torch
 from safetensors.torch import load as st_load
 
 from edgec.core.errors import EdgecError
-from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
+from edgec.core.limits import load_json
+from edgec.data.bundle import (
+    DataBundle,
+    TensorPairDataset,
+    check_class_ids,
+    check_plain_tensor,
+    random_split_indices,
+)
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 KNOWN_KEYS = {"inputs", "targets", "val_inputs", "val_targets", "test_inputs", "test_targets", "classes"}
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own header limit
 
 
 def _unpickle_reason(msg: str) -> str:
@@ -73,11 +81,15 @@ def _read_npz(path: str, raw: bytes) -> tuple[dict, list | None]:
     classes = None
     if "classes" in arrays:
         c = arrays.pop("classes")
+        if not isinstance(c, np.ndarray):
+            raise EdgecError(f"{path}: member 'classes' is not a .npy array (a pickle or other bytes)")
         if c.dtype.kind not in "US" or c.ndim != 1:
             raise EdgecError(f"{path}: 'classes' must be a 1-D string array, found dtype {c.dtype} shape {c.shape}")
         classes = [x.decode() if isinstance(x, bytes) else str(x) for x in c.tolist()]
     tensors = {}
     for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):  # np.load hands back the raw bytes of a member that is not .npy
+            raise EdgecError(f"{path}: member '{k}' is not a .npy array (a pickle or other bytes); store arrays only")
         if a.dtype.kind not in "biuf":
             raise EdgecError(f"{path}: array '{k}' has unsupported dtype {a.dtype}")
         tensors[k] = torch.from_numpy(np.ascontiguousarray(a))
@@ -87,17 +99,25 @@ def _read_npz(path: str, raw: bytes) -> tuple[dict, list | None]:
 def _read_safetensors(path: str, raw: bytes) -> tuple[dict, list | None]:
     try:
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + n])
+        header = load_json(raw[8 : 8 + n], f"{path}: the safetensors header", max_bytes=MAX_HEADER)
+        if not isinstance(header, dict):
+            raise EdgecError(f"{path}: the safetensors header is not a JSON object")
         tensors = dict(st_load(raw))
+    except EdgecError:
+        raise
     except Exception as e:
         raise EdgecError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})".splitlines()[0]) from None
     classes = None
     meta = header.get("__metadata__") or {}
     if "classes" in meta:
         text = meta["classes"]
+        if not isinstance(text, str):
+            raise EdgecError(f"{path}: metadata 'classes' must be a string (a JSON list or comma-separated names)")
         try:
-            classes = json.loads(text)
-        except json.JSONDecodeError:
+            classes = load_json(text, f"{path}: metadata 'classes'") if text.lstrip().startswith("[") else None
+        except EdgecError:
+            classes = None
+        if classes is None:
             classes = [c.strip() for c in text.split(",")]
     return tensors, classes
 
@@ -114,10 +134,23 @@ def _check_classes(path: str, classes) -> list[str] | None:
     return classes
 
 
+def _widen_unsigned(t: torch.Tensor, where: str) -> torch.Tensor:
+    """uint16/32/64 as int64 (torch has few kernels for them; ids and labels fit int64 or are not ids)."""
+    if t.dtype not in (torch.uint16, torch.uint32, torch.uint64):
+        return t
+    a = t.numpy()
+    if a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise EdgecError(f"{where} holds {t.dtype} values beyond the int64 range (max {int(a.max())})")
+    return torch.from_numpy(a.astype(np.int64))
+
+
 def _split_tensors(path: str, tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    for k, v in tensors.items():
+    for k, v in list(tensors.items()):
         if k in KNOWN_KEYS and not isinstance(v, torch.Tensor):
             raise EdgecError(f"{path}: '{k}' must be a tensor, found {type(v).__name__}")
+        if k in KNOWN_KEYS:
+            check_plain_tensor(v, f"{path}: '{k}'")
+            tensors[k] = _widen_unsigned(v, f"{path}: '{k}'")
     if "inputs" not in tensors or "targets" not in tensors:
         found = ", ".join(sorted(tensors)) or "nothing"
         raise EdgecError(f"{path}: needs 'inputs' and 'targets' (found: {found})")
@@ -198,6 +231,8 @@ def load_tensor_file(path: str, *, val_fraction: float = 0.2, seed: int = 0) -> 
                 raise EdgecError(f"{path}: '{PREFIX[s]}targets' has negative class ids (min {int(y.min())})")
             parts[s] = (x, y.to(torch.int64))
         top = max(int(y.max()) for _, y in parts.values())
+        if classes is None:
+            check_class_ids(top, path)
         if classes is not None:
             if top >= len(classes):
                 raise EdgecError(f"{path}: class id {top} is out of range for the {len(classes)} names in 'classes'")

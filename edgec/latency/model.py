@@ -50,7 +50,7 @@ class LatencyModel:
         self.remainder = float(table["remainder_ms"])
         self.dense = float(table["dense"]["median_ms"])
         # no graph runs faster than an empty one (Identity); tables from before this field: no bound
-        self.overhead = float(table.get("run_overhead_ms") or 0.0)
+        self.overhead = min(max(float(table.get("run_overhead_ms") or 0.0), 0.0), self.dense)
         self.curves: dict[str, dict[str, tuple[list, list]]] = {}
         self.widths: dict[str, int] = {}
         self.interactions = [(i["out_unit"], i["in_unit"], float(i["slope_ms"])) for i in table.get("interactions", [])]
@@ -65,6 +65,25 @@ class LatencyModel:
                 per[pattern] = (xs, [float(curve["median_ms"][i]) for i in order])
             self.curves[unit["name"]] = per
             self.widths[unit["name"]] = unit.get("width")
+        self.clamped = self._clamp_remainder()
+
+    def _clamp_remainder(self) -> dict | None:
+        """A remainder below the run overhead (units timed alone overlap in the whole graph, so their times add
+        up to more than the dense model) would let estimates — and the reachable minimum — fall below what any
+        graph can run in. Set it to the overhead and scale every unit curve and interaction by
+        ``k = (dense − overhead) / Σ_u t_u(1)``, which keeps the dense point exact and the curves' shapes.
+        Returns what was changed (None when nothing was)."""
+        if self.remainder >= self.overhead:
+            return None
+        units_sum = self.dense - self.remainder  # Σ_u t_u(1), as the table measured it
+        k = (self.dense - self.overhead) / units_sum if units_sum > 0 else 1.0
+        for per in self.curves.values():
+            for pattern, (xs, ys) in per.items():
+                per[pattern] = (xs, [y * k for y in ys])
+        self.interactions = [(a, b, c * k) for a, b, c in self.interactions]
+        clamped = {"remainder_ms": self.remainder, "clamped_to_ms": self.overhead, "unit_scale": k}
+        self.remainder = self.overhead
+        return clamped
 
     @property
     def units(self) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 from edgec import __version__
 from edgec.core.errors import EdgecError
 from edgec.core.fileio import atomic_write
+from edgec.core.limits import load_json, read_text_file
 from edgec.latency.shapes import resolve_shapes
 from edgec.latency.simd import parse_pattern, pattern_name
 from edgec.latency.units import as_unit
@@ -114,6 +115,11 @@ def dumps(table: dict) -> str:
     return json.dumps(clean, sort_keys=True, indent=1, allow_nan=False) + "\n"
 
 
+def table_digest(table: dict) -> str:
+    """sha256 of the table's file form: what a pruning result depends on (run-time keys excluded)."""
+    return hashlib.sha256(dumps(table).encode()).hexdigest()
+
+
 def save_table(table: dict, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -131,8 +137,11 @@ def validate(table, where: str = "latency table") -> dict:
         key = table["key"]
         for field in MUST_MATCH + MAY_DIFFER:
             key[field]
-        float(table["remainder_ms"])
-        float(table["dense"]["median_ms"])
+        _finite(table["remainder_ms"], "remainder_ms", where)
+        if not _finite(table["dense"]["median_ms"], "dense.median_ms", where) > 0:
+            raise EdgecError(f"{where}: dense.median_ms must be > 0 (got {table['dense']['median_ms']!r})")
+        if not _finite(table.get("run_overhead_ms") or 0.0, "run_overhead_ms", where) >= 0:
+            raise EdgecError(f"{where}: run_overhead_ms must be >= 0 (got {table['run_overhead_ms']!r})")
         names = set()
         for unit in table["units"]:
             name = unit["name"]
@@ -147,6 +156,9 @@ def validate(table, where: str = "latency table") -> dict:
                     raise EdgecError(f"{where}: unit '{name}' pattern {pattern}: densities and times do not pair up")
                 if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in list(xs) + list(ys)):
                     raise EdgecError(f"{where}: unit '{name}' pattern {pattern}: non-numeric entries")
+                if min(ys) < 0 or not all(0 < x <= 1 for x in xs):
+                    raise EdgecError(f"{where}: unit '{name}' pattern {pattern}: times must be >= 0 and densities "
+                                     "in (0, 1]")
         for inter in table.get("interactions", []):
             if inter["out_unit"] not in names or inter["in_unit"] not in names or not math.isfinite(inter["slope_ms"]):
                 raise EdgecError(f"{where}: interaction at layer {inter.get('layer')!r} names unknown units")
@@ -155,14 +167,17 @@ def validate(table, where: str = "latency table") -> dict:
     return table
 
 
+def _finite(value, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EdgecError(f"{where}: {name} must be a finite number (got {value!r})")
+    return float(value)
+
+
 def read_table(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EdgecError(f"no such latency table: {path}")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EdgecError(f"{path} is not a readable JSON latency table ({str(exc).splitlines()[0][:200]})") from None
+    table = load_json(read_text_file(path, "latency table"), f"latency table {path}")
     return validate(table, str(path))
 
 

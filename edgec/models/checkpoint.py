@@ -19,9 +19,10 @@ import torch
 
 from edgec.core.errors import EdgecError, first_line
 from edgec.core.fileio import atomic_write, read_data, serialize
-from edgec.core.graph import Model
+from edgec.core.graph import Model, container_digest, digest_of
 from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
+from edgec.core.schema import check_container
 from edgec.core.spec import spec_from_dict, spec_to_dict
 from edgec.models.capture import capture
 from edgec.models.source import (
@@ -29,6 +30,7 @@ from edgec.models.source import (
     Source,
     accepted,
     build,
+    check_sizes,
     example_spec,
     full_config,
     resolve,
@@ -38,7 +40,8 @@ from edgec.models.source import (
     stored_arch,
 )
 
-FORMAT = "edgec.checkpoint/1"
+FORMAT = "edgec.checkpoint/2"  # /2: a container digest seals provenance, spec and capture as well
+LEGACY_FORMAT = "edgec.checkpoint/1"  # read only with --no-verify
 _FX_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
 _BULKY = ("name_map",)  # re-derived by every capture; not worth storing
 _ARCH_HINT = "pass --arch path/to/file.py:Class (or package.module:Class, or a zoo name)"
@@ -50,7 +53,8 @@ def capture_summary(record: dict | None) -> dict:
 
 
 def save_checkpoint(model, path: str | Path) -> str:
-    """Write ``model`` (an ``edgec.core.graph.Model``) atomically; return its digest."""
+    """Write ``model`` (an ``edgec.core.graph.Model``) atomically; return its digest. The container is checked
+    against the schema first, so edgec never writes a checkpoint it would refuse to read."""
     digest = model.digest()
     container = {
         "format": FORMAT,
@@ -61,6 +65,8 @@ def save_checkpoint(model, path: str | Path) -> str:
         "provenance": model.provenance,
         "digest": digest,
     }
+    check_container(container, f"refusing to write {Path(path).name}")
+    container["container_digest"] = container_digest(container)
     atomic_write(path, serialize(container))
     return digest
 
@@ -113,41 +119,99 @@ def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: d
 
 # --- loading ------------------------------------------------------------------------------------------
 
-def load_checkpoint(path: str | Path, source=None):
+def load_checkpoint(path: str | Path, source=None, *, verify: bool | None = None):
     """Rebuild the model in ``path``. ``source``: a ``SourceOptions`` (or an arch string, or a resolved
     ``Source``), merged with the project file. An edgec checkpoint rebuilds its stored architecture (a user
-    one only when trusted); any other form needs an arch and is imported (record ``import.torch``)."""
+    one only when trusted); any other form needs an arch and is imported (record ``import.torch``).
+    ``verify``: check the digests (default: unless the options say ``no_verify``)."""
     path = Path(path)
+    if verify is None:
+        verify = not getattr(source, "no_verify", False)
     src = source if isinstance(source, Source) else source_from(source)
     obj, form, notes = read_weights(path, src)
     if form == "edgec":
-        return _load_edgec(path, obj, src)
+        return _load_edgec(path, obj, src, verify)
     if not src.arch:
         raise EdgecError(f"{path} is {describe(obj, form)}")
     return _import(path, obj, form, notes, src)
 
 
-def _load_edgec(path: Path, obj: dict, src: Source):
-    try:
-        stored = obj["model"]["arch"]
-        cfg = dict(obj["model"]["config"])
-        passes, state_dict = list(obj["passes"]), obj["state_dict"]
-        provenance = list(obj.get("provenance", []))
-        spec_data = obj["model"].get("spec")
-        spec = spec_from_dict(spec_data) if spec_data else None
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise EdgecError(f"{path} is a damaged edgec checkpoint (missing {exc})") from None
-    arch, base = trusted_arch(path, stored, src)
+def _load_edgec(path: Path, obj: dict, src: Source, verify: bool = True):
+    """Schema, tensors, integrity, then the rebuild: architecture (trusted), capture, replay, strict load."""
+    check_container(obj, str(path))
+    state_dict = obj["state_dict"]
     check_finite(state_dict, path)
+    if verify:
+        verify_container(obj, path)
+    stored, cfg = obj["model"]["arch"], dict(obj["model"]["config"])
+    arch, base = trusted_arch(path, stored, src)
+    if arch in ZOO:  # a zoo config with a size below 1 builds a broken model that still exports
+        try:
+            check_sizes(arch, cfg)
+        except EdgecError as exc:
+            raise EdgecError(f"{path}: model.config: {exc}") from None
     module = build(arch, cfg, base=base)
-    model = model_from_module(module, stored, cfg, spec=spec or example_spec(module, src.input_shape, stored))
-    model = replay(model, passes)
+    limit = max(REBUILD_GROWTH * sum(t.numel() for t in state_dict.values()), REBUILD_FLOOR)
+    spec_data = obj["model"].get("spec")  # checked by the schema
+    spec = spec_from_dict(spec_data) if spec_data else example_spec(module, src.input_shape, stored)
+    model = model_from_module(module, stored, cfg, spec=spec)
+    model = replay(model, list(obj["passes"]), max_elements=limit, what=str(path))
     load_state_dict_strict(model.gm, state_dict, path)
-    model.provenance = provenance
+    model.provenance = list(obj.get("provenance", []))
     model.gm.eval()
-    if obj.get("digest") and model.digest() != obj["digest"]:
-        raise EdgecError(f"{path} is corrupt: its content digest does not match the one stored in it")
     return model
+
+
+# Rebuilding a checkpoint builds the dense architecture, then replays its passes; a pruned model's weights can be
+# far fewer than its dense architecture's, an HRF scaffold up to MAX_HRF_EXPAND times more. A replay step beyond
+# this bound (elements of weights and buffers) is a file asking for memory its weights do not justify.
+REBUILD_GROWTH = 256
+REBUILD_FLOOR = 1 << 26
+
+
+class IntegrityError(EdgecError):
+    """A checkpoint's digests are missing, malformed or do not match its content (exit 2; ``--no-verify``)."""
+
+
+_NO_VERIFY = "pass --no-verify to load it anyway"
+
+
+def verify_container(obj: dict, path) -> None:
+    """The stored model digest equals the digest of the stored weights, config and pass log, and the container
+    digest equals the digest of everything else (provenance, spec, capture) plus the model digest."""
+    if obj.get("format") == LEGACY_FORMAT:
+        raise IntegrityError(f"{path} is an {LEGACY_FORMAT} file (an older edgec): its provenance is not covered by "
+                             f"a digest; {_NO_VERIFY} (files edgec writes now carry one)")
+    for key in ("digest", "container_digest"):
+        value = obj.get(key)
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            shown = "missing" if key not in obj else f"not a sha256 hex digest ({_kind(value)})"
+            raise IntegrityError(f"{path}: integrity: '{key}' is {shown}, so the file cannot be verified; {_NO_VERIFY}")
+    model = obj["model"]
+    if digest_of(model["arch"], model["config"], obj["passes"], obj["state_dict"]) != obj["digest"]:
+        raise IntegrityError(f"{path}: integrity: its weights, config or pass log do not match its digest (the file "
+                             f"was damaged or edited); {_NO_VERIFY}")
+    if container_digest(obj) != obj["container_digest"]:
+        raise IntegrityError(f"{path}: integrity: its provenance, input spec or capture record do not match its "
+                             f"container digest (the file was damaged or edited); {_NO_VERIFY}")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _kind(value) -> str:
+    if value is None or value == "":
+        return "empty" if value == "" else "None"
+    return f"a {type(value).__name__}" if not isinstance(value, str) else f"{len(value)} characters"
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` (a container read from a file) with both digests recomputed from its content: for tests and
+    tools that edit a checkpoint on purpose and want it to verify."""
+    model = obj["model"]
+    obj["digest"] = digest_of(model["arch"], model["config"], obj["passes"], obj["state_dict"])
+    obj["container_digest"] = container_digest(obj)
+    return obj
 
 
 def trusted_arch(path: Path, stored: str, src: Source) -> tuple[str, Path | None]:
@@ -192,10 +256,10 @@ def read_weights(path: Path, src: Source) -> tuple[object, str, dict]:
 
 
 def _form(obj, path: Path) -> str:
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+    if isinstance(obj, dict) and obj.get("format") in (FORMAT, LEGACY_FORMAT):
         return "edgec"
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("edgec.checkpoint/"):
-        raise EdgecError(f"{path} has format {obj['format']}; this edgec reads {FORMAT} (upgrade edgec)")
+        raise EdgecError(f"{path} has format {str(obj['format'])[:60]}; this edgec reads {FORMAT} (upgrade edgec)")
     if _tensor_dict(obj):
         return "state_dict"
     if isinstance(obj, dict) and _tensor_dict(obj.get("state_dict")) and (
@@ -346,11 +410,28 @@ def _check_fit(expected: dict, state_dict: dict, path, convert_float: bool = Fal
 
 
 def check_finite(state_dict: dict, path) -> None:
+    """Every entry a dense CPU tensor, neither complex nor quantized, with finite values (a sparse, meta or
+    quantized tensor would crash the loader or the digest further on)."""
+    if not isinstance(state_dict, dict):
+        raise EdgecError(f"{path}: state_dict is a {type(state_dict).__name__}, not a dict of tensors")
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise EdgecError(f"{path}: state_dict entry '{name}' is a {type(t).__name__}, not a tensor")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        if t.layout != torch.strided or t.is_meta or t.device.type != "cpu" or t.is_nested:
+            kind = "meta" if t.is_meta else str(t.layout).removeprefix("torch.") if t.layout != torch.strided else \
+                "nested" if t.is_nested else t.device.type
+            raise EdgecError(f"{path}: tensor '{name}' is a {kind} tensor; edgec loads dense tensors with data only")
+        if t.is_complex() or t.is_quantized:  # no edgec layer holds them; the digest and the loader would fail
+            raise EdgecError(f"{path}: tensor '{name}' has dtype {t.dtype}, which edgec does not load")
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            # a stride-0 view: a few bytes in the file, terabytes for any copy of it (the digest makes one)
+            raise EdgecError(f"{path}: tensor '{name}' has shape {list(t.shape)} but only "
+                             f"{t.untyped_storage().nbytes()} bytes of data; refusing it")
+        if not t.is_floating_point():
+            continue
+        values = t.float() if t.element_size() == 1 else t  # isfinite has no float8 kernels
+        if not bool(torch.isfinite(values).all()):
+            bad = "NaN" if bool(torch.isnan(values).any()) else "Inf"
             raise EdgecError(f"{path}: tensor '{name}' contains {bad} values")
 
 

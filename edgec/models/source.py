@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgec.core.errors import EdgecError, first_line
+from edgec.core.limits import load_json, read_text_file
 from edgec.core.project import Project, find_project
 from edgec.core.spec import InputSpec, build_spec, parse_input_shape
 
@@ -140,11 +141,11 @@ def parse_arch_config(value) -> dict | None:
         path = Path(text)
         if not path.is_file():
             raise EdgecError(f"--arch-config '{text}': neither JSON ('{{...}}') nor an existing .json file")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, "--arch-config")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EdgecError(f"--arch-config is not valid JSON ({exc})") from None
+        data = load_json(text, "--arch-config")  # bounded: size, depth, digits
+    except EdgecError as exc:
+        raise EdgecError(f"--arch-config is not valid JSON ({str(exc).removeprefix('--arch-config: ')})") from None
     if not isinstance(data, dict):
         raise EdgecError("--arch-config must be a JSON object of constructor arguments, e.g. '{\"width\": 32}'")
     return data
@@ -184,8 +185,31 @@ def accepted(cls, values: dict) -> tuple[dict, list[str]]:
     return keep, [k for k in values if k not in keep]
 
 
+# Config keys that name a size (by their last word, e.g. num_layers, ffn_dim, in_channels, vocab_size, n_embd):
+# an integer there must be >= 1, since 0 or -1 builds an empty or broken model that still exports.
+SIZE_WORDS = frozenset({"dim", "dims", "size", "sizes", "channels", "classes", "layers", "layer", "heads", "head",
+                        "nhead", "width", "depth", "depths", "features", "embd", "embeddings", "mels", "model",
+                        "hidden", "feedforward", "kernel", "kernels", "len", "length"})
+
+
+def is_size_key(key: str) -> bool:
+    return str(key).lower().rsplit("_", 1)[-1] in SIZE_WORDS
+
+
+def check_sizes(arch: str, config: dict) -> None:
+    """Refuse a size-named config value (see SIZE_WORDS) that is an integer < 1, alone or in a list."""
+    for key, value in config.items():
+        if not is_size_key(key):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+        if bad:
+            raise EdgecError(f"{arch}: config '{key}' is a size and must be >= 1 (got {value!r})")
+
+
 def full_config(arch: str, overrides: dict | None = None, *, base=None) -> dict:
-    """Defaults updated by ``overrides``; unknown keys and missing required arguments are refused."""
+    """Defaults updated by ``overrides``; unknown keys, missing required arguments and sizes below 1 (in a zoo
+    model's config, or among the values given for a user class) are refused."""
     cls = resolve(arch, base=base)
     config = default_config(cls)
     named, var_kw = _parameters(cls)
@@ -201,6 +225,7 @@ def full_config(arch: str, overrides: dict | None = None, *, base=None) -> dict:
         example = ", ".join(f'"{n}": ...' for n in missing)
         raise EdgecError(f"{arch}: constructor argument(s) {', '.join(missing)} have no default; "
                          f"pass --arch-config '{{{example}}}'")
+    check_sizes(arch, config if arch in ZOO else (overrides or {}))
     return config
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 
@@ -20,13 +19,31 @@ import torch
 from edgec import __version__
 from edgec.core.errors import CheckFailed, EdgecError
 from edgec.core.graph import Model, canonical_json, max_error
+from edgec.core.limits import load_json
 from edgec.core.ops import EXPORT_TOLERANCE as TOLERANCE
+from edgec.core.options import MIN_OPSET
 from edgec.core.provenance import record as provenance_record
+from edgec.core.schema import check_onnx_provenance
 from edgec.onnx import int2 as lb
 from edgec.onnx.session import create_session
 
 DEFAULT_OPSET = 20
 PROVENANCE_KEY = "edgec.provenance"
+
+
+def check_opset(opset: int) -> None:
+    """An opset edgec can write: from the exporter's lowest to the newest this onnx package knows."""
+    top = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= int(opset) <= top:
+        raise EdgecError(f"opset {opset} is not one edgec writes: choose {MIN_OPSET}..{top} (default {DEFAULT_OPSET})")
+
+
+def check_written_opset(proto, opset: int) -> None:
+    """The exporter falls back to another opset without a word; the record must name the one in the file."""
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != int(opset):
+        raise EdgecError(f"opset {opset} was requested but the exporter wrote opset {written}; choose "
+                         f"{MIN_OPSET}..{onnx.defs.onnx_opset_version()} or leave --opset unset")
 
 
 def refuse_scaffolds(model: Model) -> None:
@@ -152,7 +169,9 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     mode = lb.resolve_weights(model, weights)
     lb.check_forms(forms)
     mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
+    check_opset(opset)
     proto, report, measurements = _exported_proto(model, mode, opset, forms, threads)
+    check_written_opset(proto, opset)
     plain = proto.SerializeToString(deterministic=True)
     _validate(proto)
     checks, config = _parity_checks(model, plain, mode, tolerance)
@@ -245,8 +264,14 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def read_provenance(proto) -> dict | None:
-    for entry in proto.metadata_props:
-        if entry.key == PROVENANCE_KEY:
-            return json.loads(entry.value)
-    return None
+def read_provenance(proto, what: str = "ONNX model") -> dict | None:
+    """The ``edgec.provenance`` metadata, parsed with limits and checked against its schema
+    (edgec.core.schema.OnnxProvenance); None when the file has none. Malformed metadata is an EdgecError naming
+    the field: a file that claims edgec provenance must carry a readable one."""
+    entries = [e for e in proto.metadata_props if e.key == PROVENANCE_KEY]
+    if not entries:
+        return None
+    where = f"{what}: metadata '{PROVENANCE_KEY}'"
+    if len(entries) > 1:
+        raise EdgecError(f"{where} appears {len(entries)} times; expected once")
+    return check_onnx_provenance(load_json(entries[0].value, where), where)

@@ -128,17 +128,7 @@ def measure_session(session, inputs, *, threads: int | None = None, warmup: int 
     finally:
         if gc_was_enabled:
             gc.enable()
-    ms = np.asarray(times, dtype=np.float64) * 1e3
-    return {
-        "median_ms": float(np.median(ms)),
-        "p10_ms": float(np.percentile(ms, 10)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "mean_ms": float(ms.mean()),
-        "min_ms": float(ms.min()),
-        "repeats": int(len(ms)),
-        "warmup": int(warmup),
-        "threads": int(threads) if threads is not None else None,
-    }
+    return _stats(np.asarray(times, dtype=np.float64) * 1e3, warmup, threads)
 
 
 def measure_onnx(data, inputs, *, threads: int = 1, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
@@ -153,6 +143,44 @@ def measure_onnx(data, inputs, *, threads: int = 1, warmup: int = DEFAULT_WARMUP
     session = create_session(data, threads, config)
     return measure_session(session, inputs, threads=threads, warmup=warmup, repeats=repeats,
                            min_seconds=min_seconds, max_repeats=max_repeats)
+
+
+def measure_interleaved(models: list, inputs, *, threads: int = 1, warmup: int = DEFAULT_WARMUP,
+                        repeats: int = DEFAULT_REPEATS, min_seconds: float = DEFAULT_MIN_SECONDS,
+                        max_repeats: int = DEFAULT_MAX_REPEATS) -> list[dict]:
+    """Time several ONNX models side by side: one run of each in turn, round after round, so interference
+    from other processes falls on all of them alike and their *ratio* is stable even on a busy machine.
+    Same stopping rule as :func:`measure_session` (counted in rounds); returns one stats dict per model."""
+    sessions = [create_session(m, threads) for m in models]
+    feeds = [_as_feed(s, inputs) for s in sessions]
+    try:
+        for s, f in zip(sessions, feeds):
+            for _ in range(warmup):
+                s.run(None, f)
+    except Exception as exc:
+        raise EdgecError(f"onnxruntime failed to run the model: {str(exc).strip()[:300] or type(exc).__name__}") \
+            from None
+    times = [[] for _ in sessions]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        clock, started, rounds = time.perf_counter, time.perf_counter(), 0
+        while rounds < max_repeats and (rounds < repeats or clock() - started < min_seconds * len(sessions)):
+            for s, f, ts in zip(sessions, feeds, times):
+                t0 = clock()
+                s.run(None, f)
+                ts.append(clock() - t0)
+            rounds += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [_stats(np.asarray(ts, dtype=np.float64) * 1e3, warmup, threads) for ts in times]
+
+
+def _stats(ms, warmup: int, threads) -> dict:
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "repeats": int(len(ms)), "warmup": int(warmup), "threads": int(threads) if threads is not None else None}
 
 
 def sample_inputs(spec, batch: int = 1, seed: int = 0, alt: bool = False) -> dict:

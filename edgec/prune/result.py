@@ -52,3 +52,6 @@ class PruneResult(Result):
     threads: int
     batch: int
     input_shapes: dict
+    # filled by the file API (edgec.app.gates.release_pruned); None from prune_file / prune_model alone
+    gates: dict | None = None  # the quality gates' report; None when none were set
+    damage: dict | None = None  # accuracy damage: measured on --data, else estimated on random inputs

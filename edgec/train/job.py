@@ -4,14 +4,17 @@ trains and returns a result, only rank 0 writes (see docs/architecture.md#option
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from edgec.core.errors import EdgecError
 from edgec.core.fileio import check_output
-from edgec.core.options import FinetuneOptions
-from edgec.data import load_data
+from edgec.core.options import DEVICE, FinetuneOptions
+from edgec.data import check_fits, load_data
 from edgec.models.checkpoint import load_checkpoint, save_checkpoint
 from edgec.train import distributed as D
 from edgec.train.distill import find_teacher, scaffold_sources
@@ -46,13 +49,26 @@ def default_resume_file(output) -> Path:
 
 
 def _check_outputs(model_path: Path, output, options: FinetuneOptions) -> tuple[Path, Path]:
-    """The output and resume file, refused when they would overwrite an input."""
+    """The output and resume file, refused when they would overwrite an input or each other (the last step
+    deletes the resume file: were it the output, nothing would be left)."""
     data = options.data
     inputs = (model_path, data if os.path.exists(os.fspath(data)) else None, options.teacher)
     output = check_output(output, *inputs)
     rfile = options.resume_file
-    rfile = check_output(Path(rfile) if rfile else default_resume_file(output), *inputs)
+    rfile = check_output(Path(rfile) if rfile else default_resume_file(output), *inputs,
+                         others={"the output": output})
     return output, rfile
+
+
+def check_device(device: str | None) -> None:
+    """A device edgec trains on: auto, cpu, mps, cuda or cuda:N (an index this machine has)."""
+    if device is None:
+        return
+    if not re.fullmatch(DEVICE["pattern"], str(device)):
+        raise EdgecError(f"device must be {DEVICE['text']} (got {device!r})")
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise EdgecError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _resolve_teacher(model_path: Path, model, mode: str, options: FinetuneOptions, output):
@@ -79,6 +95,7 @@ def _load_training_data(info, model, options: FinetuneOptions):
     data = load_data(os.fspath(options.data), **opts)
     if info.is_main:
         D.barrier(info)
+    check_fits(data, model.spec, f"the model ({model.arch})")
     return data, opts
 
 
@@ -143,6 +160,7 @@ def finetune_file(input_path, output, options: FinetuneOptions, *,
     t0 = time.perf_counter()
     model_path = Path(input_path)
     output, rfile = _check_outputs(model_path, output, options)
+    check_device(options.device)
 
     with D.session() as info:
         model = load_checkpoint(model_path, options)

@@ -1,7 +1,7 @@
 """ALCS pruning under a latency budget: allocation, ADMM projection, and ``prune_file`` measured in onnxruntime.
 
 Latency is measured for real while other processes share the CPU, so the end-to-end tests use generous
-budgets (0.8 x dense with a 5 % aim-below margin and retries) and re-measure the written model with a noise
+budgets (0.85 x dense with a 5 % aim-below margin and retries) and re-measure the written model with a noise
 margin; the strict figures belong to ``benchmarks/prune.py``.
 """
 import math
@@ -255,7 +255,7 @@ def test_admm_rounds_meet_the_target_and_keep_the_pattern(tmp_path):
 
 RESNET = {"base_width": 8, "image_size": 32}
 GRID = (1.0, 0.75, 0.5, 0.25)
-E2E = {"latency_ratio": 0.8, "margin": 0.05, "max_retries": 3, "densities": GRID}
+E2E = {"latency_ratio": 0.85, "margin": 0.05, "max_retries": 3, "densities": GRID}
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_prune_meets_a_feasible_budget_as_measured(one_shot):
     result, out = one_shot
     assert out.is_file()
     assert result["measured_ms"] <= result["local_budget_ms"]
-    assert result["budget_ms"] == pytest.approx(0.8 * result["dense_ms"])
+    assert result["budget_ms"] == pytest.approx(0.85 * result["dense_ms"])
     assert result["params"] < result["before"]["params"] and result["flop_reduction"] > 1.0
     assert any(d < 1.0 for d in result["densities"].values())
     assert result["mode"] == "one-shot" and any("one-shot" in n for n in result["notes"])
@@ -303,10 +303,12 @@ def test_provenance_records_estimated_and_measured_latency_and_replays(one_shot,
     rec = model.provenance[-1]
     assert rec["pass"] == "prune.alcs"
     m = rec["metrics"]
-    for key in ("estimated_ms", "measured_ms", "dense_ms", "model_error", "densities", "retries"):
-        assert key in m
-    assert m["measured_ms"] == result["measured_ms"] and m["estimated_ms"] == result["estimated_ms"]
-    assert rec["checks"]["latency"]["passed"] is True
+    # what was decided is recorded; what was measured (differs run to run) is only in the result
+    assert m["estimated_table_ms"] == result["estimated_table_ms"] and m["densities"] == result["densities"]
+    assert m["attempt"] == len(result["attempts"]) and "measured_ms" not in m and "dense_ms" not in m
+    assert rec["checks"]["latency"] == {"budget": "0.85 x dense measured side by side", "passed": True}
+    assert rec["params"]["table"]["digest"] == tab.table_digest(cache.cached(model_dense(resnet_ckpt), 1, None,
+                                                                             units="groups", densities=GRID))
     assert rec["params"]["table"]["arch"] == "resnet" and rec["params"]["pattern"] == "channel"
     assert rec["input_digest"] == load_checkpoint(resnet_ckpt).digest()
     assert rec["output_digest"] == model.digest() == result["digest"]
@@ -349,24 +351,72 @@ def test_infeasible_budget_is_refused_before_any_work(resnet_ckpt, tmp_path, mon
 def test_budget_missed_after_retries_writes_nothing(resnet_ckpt, tmp_path, monkeypatch):
     import edgec.prune.run as run_mod
 
-    real = run_mod.measure
+    real = run_mod.measure_against
     calls = []
 
-    def slow(data, feed, threads, over=None, options=None):  # the dense model measures normally, pruned ones "slow"
-        r = real(data, feed, threads, over=None, options=options)
-        if calls:
-            r = dict(r, median_ms=r["median_ms"] * 10, runs_ms=[r["median_ms"] * 10])
-        calls.append(r["median_ms"])
-        return r
+    def slow(dense_bytes, onnx_bytes, feed, threads, options=None):  # every pruned model measures "10x slower"
+        dense, cand = real(dense_bytes, onnx_bytes, feed, threads, options)
+        calls.append(cand["median_ms"])
+        return dense, dict(cand, median_ms=dense["median_ms"] * 10)
 
-    monkeypatch.setattr(run_mod, "measure", slow)
+    monkeypatch.setattr(run_mod, "measure_against", slow)
     out = tmp_path / "missed.pt"
     with pytest.raises(EdgecError) as exc:
         prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.8, max_retries=1, densities=GRID))
     assert exc.value.exit_code == alcs.EXIT_BUDGET_MISSED == 5
-    assert "best pruned model measured" in str(exc.value)
-    assert len(calls) == 3  # dense + two attempts
+    assert "best pruned model measured" in str(exc.value) and "--margin" in str(exc.value)
+    assert len(calls) == 2  # two attempts, each measured side by side with the dense model
     assert not out.exists()
+
+
+def model_dense(path):
+    return load_checkpoint(path)
+
+
+def test_same_table_same_seed_gives_byte_identical_files(one_shot, resnet_ckpt, tmp_path):
+    """With a given table the allocation never depends on this run's measurements: two runs write the same
+    checkpoint bytes and export the same ONNX bytes (the measured numbers are only in the results)."""
+    from edgec.onnx.export import export
+
+    table = cache.cached(model_dense(resnet_ckpt), 1, None, units="groups", densities=GRID)
+    tab.save_table(table, tmp_path / "table.json")
+    opts = PruneOptions(latency_ratio=0.9, margin=0.05, table=str(tmp_path / "table.json"),
+                        measure_options={"repeats": 15, "min_seconds": 0.1})  # the check, not the subject here
+    runs = [prune_file(resnet_ckpt, tmp_path / f"p{i}.pt", opts).to_dict() for i in range(2)]
+    assert runs[0]["densities"] == runs[1]["densities"] and runs[0]["digest"] == runs[1]["digest"]
+    assert (tmp_path / "p0.pt").read_bytes() == (tmp_path / "p1.pt").read_bytes()
+    onnx = [export(load_checkpoint(tmp_path / f"p{i}.pt"))[0] for i in range(2)]
+    assert onnx[0] == onnx[1]
+    # the allocation aims at the table's dense latency, not at this run's measurement
+    target = max(0.9 * 0.95 * table["dense"]["median_ms"], lat.LatencyModel(table).min_latency(["channel"]))
+    assert runs[0]["estimated_table_ms"] <= target + 1e-9
+
+
+def test_budget_under_the_clamped_floor_is_exit_4_before_any_work(one_shot, resnet_ckpt, tmp_path, monkeypatch):
+    """A table whose calibrated remainder is negative used to make sub-floor budgets look feasible (and then
+    ran for minutes before exit 5). The remainder is clamped to the run overhead; the floor rises with it."""
+    import edgec.prune.alcs as alcs_mod
+
+    table = cache.cached(model_dense(resnet_ckpt), 1, None, units="groups", densities=GRID)
+    units_sum = table["units_dense_sum_ms"]  # the layers timed alone add up to more than the whole model:
+    table = dict(table, dense=dict(table["dense"], median_ms=0.6 * units_sum), remainder_ms=-0.4 * units_sum,
+                 run_overhead_ms=0.001)
+    tab.save_table(table, tmp_path / "neg.json")
+    lm = lat.LatencyModel(table)
+    assert lm.clamped and lm.remainder == 0.001
+    floor = lm.min_latency(["channel"])
+    raw = -0.4 * units_sum + sum(min(c["channel"][1]) for c in lm.curves.values()) / lm.clamped["unit_scale"]
+    assert raw < floor  # the unclamped sum would have accepted budgets below the floor
+
+    def boom(*a, **k):
+        raise AssertionError("allocation must not run for an infeasible budget")
+
+    monkeypatch.setattr(alcs_mod, "allocate", boom)
+    with pytest.raises(EdgecError) as exc:
+        prune_file(resnet_ckpt, tmp_path / "never.pt",
+                   PruneOptions(latency_ms=max(raw, 0.0) + 0.5 * (floor - max(raw, 0.0)), table=str(tmp_path / "neg.json")))
+    assert exc.value.exit_code == 4 and "infeasible" in str(exc.value)
+    assert not (tmp_path / "never.pt").exists()
 
 
 def test_bad_arguments_are_one_line_errors(resnet_ckpt, tmp_path):
@@ -400,12 +450,13 @@ def test_a_table_from_another_device_sets_the_budget_in_its_milliseconds(one_sho
     device["units_dense_sum_ms"] *= 3
     device["remainder_ms"] *= 3
     tab.save_table(device, tmp_path / "device.json")
-    budget = 0.8 * device["dense"]["median_ms"]
+    budget = 0.9 * device["dense"]["median_ms"]
     result = prune_file(resnet_ckpt, tmp_path / "dev.pt",
                         PruneOptions(latency_ms=budget, table=tmp_path / "device.json", margin=0.05)).to_dict()
     assert result["table_foreign"] and any("measured elsewhere" in n for n in result["notes"])
     assert result["budget_ms"] == pytest.approx(budget)
-    # the check here is the same relative budget: 0.8 x the dense latency measured here
-    assert result["local_budget_ms"] == pytest.approx(0.8 * result["dense_ms"])
+    # the check here is the same relative budget: 0.9 x the dense latency measured here, side by side
+    chosen = result["attempts"][-1]
+    assert result["local_budget_ms"] == pytest.approx(0.9 * chosen["dense_side_by_side_ms"]) == chosen["budget_ms"]
     assert result["measured_ms"] <= result["local_budget_ms"]
     assert result["table"]["source"] == "file:device.json"

@@ -113,11 +113,17 @@ def test_estimate_is_sum_plus_remainder_and_min_latency():
     assert parts["units"] == {"a": 2.0, "b": 2.0} and parts["total_ms"] == 7.0
     # min: a at 0.25 (channel), b at its fastest measured point 0.5 (noise made 0.25 slower)
     assert lat.min_latency(table) == 2.0 + 1.0 + 3.0
-    # a negative calibrated remainder (units timed alone overlap) never makes a budget below the measured
-    # run overhead of an empty graph look reachable
+    # a negative calibrated remainder (units timed alone overlap): clamped to the run overhead of an empty
+    # graph and the unit curves scaled so the dense point stays exact — no estimate or reachable minimum
+    # below what any graph runs in, and the same proportions between units
     negative = synthetic_table(remainder=-3.5)
-    assert lat.estimate(negative, {"a": 0.25, "b": 0.5}) == 2.0 + 1.0 - 3.5 < 0
-    assert lat.min_latency(negative) == negative["run_overhead_ms"] == 0.01
+    lm = lat.LatencyModel(negative)
+    k = (6.5 - 0.01) / 10.0
+    assert lm.clamped == {"remainder_ms": -3.5, "clamped_to_ms": 0.01, "unit_scale": pytest.approx(k)}
+    assert lm.remainder == 0.01 and lm.estimate() == pytest.approx(6.5)
+    assert lm.estimate({"a": 0.25, "b": 0.5}) == pytest.approx(0.01 + k * (2.0 + 1.0))
+    assert lat.min_latency(negative) == pytest.approx(0.01 + k * 3.0)
+    assert lat.LatencyModel(table).clamped is None
     cfg = lat.min_config(table)
     assert cfg["densities"] == {"a": ("channel", 0.25), "b": ("channel", 0.5)}
     assert lat.min_latency(table, floor=0.5) == 4.5 + 1.0 + 3.0

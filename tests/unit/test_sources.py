@@ -126,7 +126,7 @@ def test_config_errors(user):
     assert full_config("../src/net.py:Needs", {"n": 5}) == {"m": 2, "n": 5}
     with pytest.raises(EdgecError, match="no such file net2.py"):
         resolve("../src/net2.py:Net")
-    opts = SourceOptions(arch="../src/net.py:Bad", arch_config='{"width": 0}', input_shape=X)
+    opts = SourceOptions(arch="../src/net.py:Bad", arch_config='{"width": 0.5}', input_shape=X)  # 0: a size edgec refuses first
     torch.save({"w": torch.zeros(1)}, user / "work" / "w.pt")
     with pytest.raises(EdgecError, match=r"Bad: invalid config \(width must be positive\)"):
         load_checkpoint(user / "work" / "w.pt", opts)
