@@ -263,7 +263,8 @@ def test_shell_completion_script_and_answers_without_torch():
                                      COMP_CWORD="2"))
     assert answer.returncode == 0 and answer.stdout.split() == ["--strict"], answer.stdout
     assert not re.search(r"\|\s+torch$", answer.stderr, flags=re.M), "completion imported torch"
-    assert "edgec --install-completion" not in run_cli("--show-completion", "bash", check=0).stderr
+    # (no exit-code check: without a detectable parent shell, e.g. a detached CI runner, typer exits 1 here)
+    assert "edgec --install-completion" not in run_cli("--show-completion", "bash").stderr
     assert "--install-completion" in run_cli("--help", check=0).stdout
 
 
