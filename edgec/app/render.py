@@ -389,7 +389,9 @@ def warnings_text(notes: list) -> list[Text]:
 
 def prune_table(res: dict) -> Group:
     rows = [("output", res["output"]), ("mode", res["mode"]), ("pattern", f"{res['pattern']} → {res['pattern_chosen']}"),
-            ("budget", f"{res['budget_ms']:.3f} ms"), ("dense (measured)", f"{res['dense_ms']:.3f} ms"),
+            ("budget", f"{res['local_budget_ms']:.3f} ms" + (f" ({res['latency_ratio']:g} × dense, measured side by side)"
+                                                              if res["budget_from"] == "ratio" else "")),
+            ("dense (measured)", f"{res['dense_ms']:.3f} ms"),
             ("estimated", f"{res['estimated_ms']:.3f} ms (latency-model error {res['model_error']:+.1%})"),
             ("measured", f"{res['measured_ms']:.3f} ms — speedup {res['speedup']:.2f}×"),
             ("params", f"{human_count(res['before']['params'])} → {human_count(res['params'])}"),
@@ -535,7 +537,7 @@ def step_details(run: str, res: dict) -> str:
     if run == "inspect":
         return f"{len(res['provenance'])} provenance record(s), {human_count(res['params'])} params"
     if run == "prune":
-        return (f"budget {res['budget_ms']:.3f} ms: measured {res['measured_ms']:.3f} ms (estimated "
+        return (f"budget {res['local_budget_ms']:.3f} ms: measured {res['measured_ms']:.3f} ms (estimated "
                 f"{res['estimated_ms']:.3f}), {res['speedup']:.2f}× vs dense, {res['mode']}")
     if run == "profile":
         return f"{len(res['units'])} groups, dense {res['dense_ms']:.3f} ms" + (" (cached)" if res["cache_hit"] else "")

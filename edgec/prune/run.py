@@ -575,7 +575,7 @@ def _result(run: _Run, best: _Attempt, attempts: list[dict], s: dict, input_labe
         dense_ms=run.dense_ms, estimated_ms=row["estimated_ms"], measured_ms=row["measured_ms"],
         measured_runs_ms=row["measured_runs_ms"], estimated_table_ms=row["estimated_table_ms"],
         calibration={"table_dense_ms": run.table_dense, "scale": run.scale},
-        speedup=run.dense_ms / row["measured_ms"] if row["measured_ms"] > 0 else None,
+        speedup=(row["dense_side_by_side_ms"] or run.dense_ms) / row["measured_ms"] if row["measured_ms"] > 0 else None,
         min_reachable_ms=run.shown_min, table_foreign=run.foreign,
         params=s["params_after"], macs=s["macs_after"], before={"params": run.params_before, "macs": run.macs_before},
         flop_reduction=run.macs_before / s["macs_after"] if s["macs_after"] else None,

@@ -293,7 +293,7 @@ def test_prune_skipped_groups_and_render():
         "the latency table measures no saving (1 ms dense, 1 ms at density 0.5); kept dense")
     assert "fc0" not in by_layer(skipped_groups(analysis, groups, flat, min_density=0.75))  # nothing measured
     assert by_layer(skipped_groups(analysis, [], pays))["fc0"] == "the latency table has no entry for this group"
-    res = {"output": "o.pt", "mode": "one-shot", "pattern": "channel", "pattern_chosen": "channel", "budget_ms": 1.0,
+    res = {"output": "o.pt", "mode": "one-shot", "pattern": "channel", "pattern_chosen": "channel", "budget_ms": 1.0, "local_budget_ms": 1.0, "budget_from": "ms",
            "dense_ms": 2.0, "estimated_ms": 1.0, "model_error": 0.0, "measured_ms": 1.0, "speedup": 2.0,
            "params_before": 10, "params_after": 5, "before": {"params": 10}, "params": 5, "flop_reduction": 2.0,
            "retries": 0, "densities": {"fc0": 0.5, "fc1": 1.0}, "notes": [], "skipped": skipped}
