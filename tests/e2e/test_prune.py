@@ -380,7 +380,9 @@ def test_same_table_same_seed_gives_byte_identical_files(one_shot, resnet_ckpt, 
 
     table = cache.cached(model_dense(resnet_ckpt), 1, None, units="groups", densities=GRID)
     tab.save_table(table, tmp_path / "table.json")
-    opts = PruneOptions(latency_ratio=0.9, margin=0.05, table=str(tmp_path / "table.json"),
+    # a wide margin: byte-identity holds when the same attempt passes in both runs, so the first must pass
+    # clearly (a budget within noise of the measurement may pass on a different attempt: documented)
+    opts = PruneOptions(latency_ratio=0.95, margin=0.2, table=str(tmp_path / "table.json"),
                         measure_options={"repeats": 15, "min_seconds": 0.1})  # the check, not the subject here
     runs = [prune_file(resnet_ckpt, tmp_path / f"p{i}.pt", opts).to_dict() for i in range(2)]
     assert runs[0]["densities"] == runs[1]["densities"] and runs[0]["digest"] == runs[1]["digest"]
@@ -388,7 +390,7 @@ def test_same_table_same_seed_gives_byte_identical_files(one_shot, resnet_ckpt, 
     onnx = [export(load_checkpoint(tmp_path / f"p{i}.pt"))[0] for i in range(2)]
     assert onnx[0] == onnx[1]
     # the allocation aims at the table's dense latency, not at this run's measurement
-    target = max(0.9 * 0.95 * table["dense"]["median_ms"], lat.LatencyModel(table).min_latency(["channel"]))
+    target = max(0.95 * 0.8 * table["dense"]["median_ms"], lat.LatencyModel(table).min_latency(["channel"]))
     assert runs[0]["estimated_table_ms"] <= target + 1e-9
 
 

@@ -248,7 +248,9 @@ def test_profile_tiny_model(tiny):
         assert low[-1] < 3 * low[0]  # monotone-ish (timings are noisy; no strict ordering asserted)
     assert table["remainder_ms"] == pytest.approx(table["dense"]["median_ms"] - table["units_dense_sum_ms"])
     assert lat.estimate(table) == pytest.approx(table["dense"]["median_ms"])
-    assert lat.min_latency(table) < lat.estimate(table)
+    # each unit's fastest point includes its dense point, so the separable minimum is never above the dense
+    # estimate (with interactions the re-estimated minimum can exceed it by timing noise on a model this tiny)
+    assert lat.min_latency(dict(table, interactions=[])) <= lat.estimate(table)
     # default units: every Linear/Conv layer alone
     assert [u.name for u in prof.layer_units(model, shapes_mod.resolve_shapes(model.spec))] == ["l1", "l2", "pw", "head"]
     with pytest.raises(EdgecError, match="'nope' is not a module"):
