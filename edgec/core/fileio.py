@@ -1,6 +1,7 @@
 """Atomic file output, output guards and data-only torch loading: the one place files are written and read."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -189,3 +190,12 @@ def _unsupported_global(msg: str) -> str:
             name = line.split("GLOBAL", 1)[1].strip().split()[0]
             return f" ({name})"
     return ""
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (no whole-file copy in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

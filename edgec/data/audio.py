@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgec.core.errors import EdgecError
-from edgec.core.fileio import atomic_write, serialize
+from edgec.core.fileio import atomic_write, serialize, sha256_file
 from edgec.data import features as F
 from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
 
@@ -192,14 +192,6 @@ def _speaker_note(rows: list[Row]) -> str:
     return f"speakers: {counts} ({'; '.join(shared) if shared else 'disjoint'})"
 
 
-def _sha_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_cache(path: str, n: int, frames: int, n_mels: int) -> torch.Tensor | None:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -232,7 +224,7 @@ def _locate_wavs(rows: list[Row], folder: str, csv_path: str) -> None:
         r.file = os.path.normpath(os.path.join(folder, r.path))
         if not os.path.isfile(r.file):
             raise EdgecError(f"{csv_path}: row {r.line}: wav file '{r.path}' not found ({r.file})")
-        r.sha = _sha_file(r.file)
+        r.sha = sha256_file(r.file)
 
 
 def _train_classes(rows: list[Row], csv_path: str) -> list[str]:

@@ -10,7 +10,6 @@ docs/architecture.md#checkpoints.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from edgec.core.errors import EdgecError, first_line
-from edgec.core.fileio import atomic_write, read_data, serialize
+from edgec.core.fileio import atomic_write, read_data, serialize, sha256_file
 from edgec.core.graph import Model, container_digest, digest_of
 from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
@@ -348,17 +347,9 @@ def _import(path: Path, obj, form: str, notes: dict, src: Source):
         fields["buffers_from_init"] = from_init
     stored = stored_arch(src.arch, src.base)
     model = model_from_module(module, stored, cfg, input_shape=src.input_shape)
-    params = {"source": path.name, "source_sha256": _sha256(path), "form": form, "arch": stored, "config": cfg}
+    params = {"source": path.name, "source_sha256": sha256_file(path), "form": form, "arch": stored, "config": cfg}
     model.provenance = [provenance_record("import.torch", 1, params, **fields, capture=model.capture, output=model)]
     return model
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def match_keys(state_dict: dict, expected: dict) -> tuple[dict, list[str]]:
