@@ -26,7 +26,7 @@ from edgec.app.results import (
 )
 from edgec.core.errors import EdgecError
 from edgec.core.fileio import atomic_write, check_output
-from edgec.core.graph import canonical_json
+from edgec.core.graph import canonical_json, digest_cache
 from edgec.core.options import (
     EvalOptions,
     ExportOptions,
@@ -138,9 +138,10 @@ def import_torch(file: str | Path, output: str | Path, options: SourceOptions = 
 
 # --- passes ----------------------------------------------------------------------------------------
 
-def run_passes(model, names: list[str], params: dict | None = None, progress=None):
+def run_passes(model, names: list[str], params: dict | None = None, progress=None, owned: bool = False):
+    """``owned``: the caller gives ``model`` up, so the passes need not copy it (PassManager)."""
     passes = [get_pass(n)(**(params or {}).get(n, {})) for n in names]
-    return PassManager(passes)(model, progress=progress)
+    return PassManager(passes)(model, progress=progress, owned=owned)
 
 
 ScaffoldOptions = ScaffoldHrfOptions | ScaffoldTernaryOptions | ScaffoldBinaryOptions
@@ -187,10 +188,10 @@ def scaffold_binary(input_path, output, options: ScaffoldBinaryOptions = Scaffol
     return scaffold("binary", input_path, output, options, progress)
 
 
-def fold_model(model, progress=None) -> tuple:
+def fold_model(model, progress=None, owned: bool = False) -> tuple:
     """Every fold (:func:`fold_passes`) on an in-memory model: ``(folded, records, summary, skipped)``; a
-    scaffold no fold removed is a skip (export would refuse the model)."""
-    folded, records = run_passes(model, fold_passes(), progress=progress)
+    scaffold no fold removed is a skip (export would refuse the model). ``owned``: see :func:`run_passes`."""
+    folded, records = run_passes(model, fold_passes(), progress=progress, owned=owned)
     applied = [r for r in records if r["modified"]]
     skipped = [s for r in records for s in r.get("skipped", [])] + [
         skip(n, f"{m.kind} scaffold ({type(m).__name__}) has no fold that applies; export will refuse the model")
@@ -205,28 +206,39 @@ def fold_model(model, progress=None) -> tuple:
 def fold(input_path: str | Path, output: str | Path | None = None, options: FoldOptions = FoldOptions(),
          progress=None) -> FoldResult:
     out = _out_path(input_path, output, ".folded.pt")
-    model = load(input_path, options)
-    before = _model_summary(model)
-    folded, records, summary, skipped = fold_model(model, progress)
-    passes = [{"pass": r["pass"], "modified": r["modified"], "summary": r["summary"], "checks": r["checks"]}
-              for r in records]
-    if options.strict:
-        refuse_skips("fold", skipped)
-    return _saved(folded, out, FoldResult, input=str(input_path), before=before,
-                  folded=any(r["modified"] for r in records), passes=passes, summary=summary, skipped=skipped,
-                  scaffolds_left=len(folded.scaffolds()))
+    step = progress or (lambda _desc: None)
+    with digest_cache():  # file to file: each model state is hashed once (edgec.core.graph.digest_cache)
+        step("loading")
+        model = load(input_path, options)
+        before = _model_summary(model)
+        folded, records, summary, skipped = fold_model(model, progress, owned=True)  # no copy of the weights
+        del model
+        passes = [{"pass": r["pass"], "modified": r["modified"], "summary": r["summary"], "checks": r["checks"]}
+                  for r in records]
+        if options.strict:
+            refuse_skips("fold", skipped)
+        step("writing")
+        return _saved(folded, out, FoldResult, input=str(input_path), before=before,
+                      folded=any(r["modified"] for r in records), passes=passes, summary=summary, skipped=skipped,
+                      scaffolds_left=len(folded.scaffolds()))
 
 
 def export(input_path: str | Path, output: str | Path | None = None,
-           options: ExportOptions = ExportOptions()) -> ExportResult:
+           options: ExportOptions = ExportOptions(), progress=None) -> ExportResult:
     """Verified ONNX; ``weights`` auto|fp32|int2 (auto: INT2 where the graph has ternary/binary layers),
-    ``forms`` measure|dq|matmulnbits (how INT2 Linear layers are stored; measure = fastest per layer)."""
+    ``forms`` auto|cast|dq|matmulnbits (how each INT2 layer is written; auto = fastest per layer in the target
+    session, never slower than fp32), ``activation_precision`` fp32|int8, ``target_config``."""
     out = _out_path(input_path, output, ".onnx")
-    model = load(input_path, options)
-    return export_model(model, out, options, input_label=str(input_path))
+    step = progress or (lambda _desc: None)
+    with digest_cache():  # file to file: the checkpoint's digest is computed once (when verified on load)
+        step("loading")
+        model = load(input_path, options)
+        step("exporting and verifying")
+        return export_model(model, out, options, input_label=str(input_path), progress=progress)
 
 
-def export_model(model, out: Path, options: ExportOptions, input_label: str | None = None) -> ExportResult:
+def export_model(model, out: Path, options: ExportOptions, input_label: str | None = None,
+                 progress=None) -> ExportResult:
     """Export an in-memory ``Model`` to ``out`` (already checked as an output path), verified, with its model
     card (edgec.app.card) embedded and written beside it, after the quality gates (edgec.app.gates): a failed
     gate writes ``<out>.rejected`` instead and raises GateFailed (exit 1)."""
@@ -240,9 +252,13 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
     card_out = check_output(model_card.card_path(out), input_label, options.data)
     check_output(gates.rejected_path(out), input_label, options.data)
     bundle = gates.load_model_data(options.data, model) if options.data is not None else None
-    data, record = export_onnx(model, opset=options.opset, weights=options.weights, forms=options.forms,
-                               threads=int(options.threads))
-    measured = gates.measure_export(model, data, bundle, checks, int(options.threads))
+    say = progress or (lambda _m: None)
+    data, record = export_onnx(model, **_export_kwargs(options), progress=progress)
+    session = record["checks"]["ort_parity"].get("session_config") or None
+    if bundle is not None or checks.max_latency_ms is not None:
+        say("measuring the file for the card and the gates")
+    measured = gates.measure_export(model, data, bundle, checks, int(options.threads), ort_config=session)
+    precisions = score_precisions(model, options, record, measured, bundle, say)
     data, card, report = model_card.attach(data, model_card.base_card(model, record, measured),
                                            gates.decide_size(checks, measured))
     gates.write_or_reject(out, data, report)
@@ -254,7 +270,67 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
                         weights=record["params"]["weights"], params=model.param_count(), checks=record["checks"],
                         max_rel_error=parity["rel_error"], provenance_records=len(model.provenance) + 1,
                         size=record.get("size"), lowbit_layers=lowbit.get("layers"),
-                        fp32_layers=lowbit.get("fp32_layers"), card=str(card_out), gates=report)
+                        fp32_layers=lowbit.get("fp32_layers"), card=str(card_out), gates=report,
+                        activation_precisions=precisions, forms=_forms_summary(record))
+
+
+def _forms_summary(record: dict) -> dict | None:
+    lowbit = record.get("lowbit")
+    if not lowbit:
+        return None
+    params = record["params"]
+    whole = dict(lowbit.get("whole_model") or {})
+    runs = (record.get("measurements") or {}).get("whole_model")
+    if runs:
+        whole["runs"] = runs
+    counts: dict = {}
+    for r in lowbit["layers"]:
+        counts[r["form"]] = counts.get(r["form"], 0) + 1
+    return {"requested": params["forms"], "activation_precision": params["activation_precision"],
+            "target_config": params["target_config"], "session_config": params["session_config"],
+            "layers": counts, "int8_activation_layers": lowbit.get("int8_activation_layers", 0),
+            "whole_model": whole or None}
+
+
+def _export_kwargs(options: ExportOptions, **override) -> dict:
+    kwargs = {"opset": options.opset, "weights": options.weights, "forms": options.forms,
+              "threads": int(options.threads), "activation_precision": options.activation_precision,
+              "target_config": options.target_config}
+    return kwargs | override
+
+
+def int8_layers(record: dict) -> int:
+    """Low-bit layers of an export that compute with int8 activations in the session it was verified in."""
+    return (record.get("lowbit") or {}).get("int8_activation_layers", 0)
+
+
+def score_precisions(model, options: ExportOptions, record: dict, measured, bundle, say=None) -> dict | None:
+    """With data and INT2 weights: the task metric and ORT parity at both activation precisions (the other one
+    exported the same way), so an int8-activation file is judged on the task, not only on parity."""
+    from edgec.app import gates
+    from edgec.onnx.export import export as export_onnx
+
+    if bundle is None or record["params"]["weights"] != "int2":
+        return None
+    chosen = options.activation_precision
+    other = "fp32" if chosen == "int8" else "int8"
+    out = {chosen: _precision_row(record, measured.evaluation)}
+    if say is not None:
+        say(f"exporting and scoring {other} activations for comparison")
+    data, rec = export_onnx(model, **_export_kwargs(options, activation_precision=other))
+    if int8_layers(rec) == int8_layers(record) == 0:  # both compute in float32: nothing to score twice
+        out[other] = dict(out[chosen], same_as=chosen)
+    else:
+        ev = gates.score(data, bundle, split=measured.evaluation["split"],
+                         ort_config=rec["checks"]["ort_parity"].get("session_config") or None)
+        out[other] = _precision_row(rec, ev)
+    return {"chosen": chosen, "split": measured.evaluation["split"], "precisions": out}
+
+
+def _precision_row(record: dict, evaluation: dict) -> dict:
+    return {"metrics": evaluation["metrics"], "parity_rel_error": record["checks"]["ort_parity"]["rel_error"],
+            "int8_activation_layers": int8_layers(record),
+            "forms": sorted({r["form"] for r in record["lowbit"]["layers"]})}
 
 
 # --- training, evaluation, latency, pruning ---------------------------------------------------------

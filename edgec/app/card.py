@@ -156,8 +156,22 @@ def base_card(model, record: dict, measured, features: dict | None = None) -> di
         "weights": record.get("params", {}).get("weights"), "opset": record.get("params", {}).get("opset"),
         "bits": bits_summary(layer_bits(model.gm)),
         "lowbit_layers": len(lowbit.get("layers") or []), "fp32_layers": list(lowbit.get("fp32_layers") or []),
-        "passes": passes(records), "tools": record.get("tools"),
+        "runtime": runtime(record), "passes": passes(records), "tools": record.get("tools"),
     }
+
+
+def runtime(record: dict) -> dict | None:
+    """How the INT2 layers are written and the onnxruntime session the file was verified in (run it there)."""
+    lowbit = record.get("lowbit")
+    if not lowbit:
+        return None
+    counts: dict = {}
+    for r in lowbit["layers"]:
+        counts[r["form"]] = counts.get(r["form"], 0) + 1
+    parity = record["checks"]["ort_parity"]
+    return {"forms": dict(sorted(counts.items())), "activation_precision": lowbit.get("activation_precision"),
+            "int8_activation_layers": lowbit.get("int8_activation_layers", 0),
+            "verified_session_config": parity.get("session_config") or {}, "parity_rel_error": parity["rel_error"]}
 
 
 def finite(value):
@@ -177,22 +191,17 @@ def attach(onnx_bytes: bytes, base: dict, decide) -> tuple[bytes, dict, object]:
     the card, so the size is found as a fixed point: ``decide(file_bytes) -> (size dict, gate rows, extra)``
     must be non-decreasing in length as the size grows (digits and a pass→fail flip only lengthen it), so the
     iteration from the card-less size only climbs and stops within a few rounds. Returns (bytes, card, extra)."""
-    import onnx
-
     from edgec.core.graph import canonical_json
+    from edgec.onnx.export import metadata_entry
 
-    proto = onnx.load_model_from_string(onnx_bytes)
-    entry = proto.metadata_props.add()
-    entry.key = CARD_KEY
     size = len(onnx_bytes)
     for _ in range(MAX_FIXED_POINT_ROUNDS):
         size_info, gate_rows, extra = decide(size)
         card = finite(dict(base, size=size_info, gates=gate_rows))
-        entry.value = canonical_json(card)
-        data = proto.SerializeToString(deterministic=True)
-        if len(data) == size:
-            return data, card, extra
-        size = len(data)
+        entry = metadata_entry(CARD_KEY, canonical_json(card))  # appended: the model is not parsed again
+        if len(onnx_bytes) + len(entry) == size:
+            return onnx_bytes + entry, card, extra
+        size = len(onnx_bytes) + len(entry)
     raise RuntimeError("the model card's size did not settle")  # unreachable: the length only climbs
 
 
@@ -253,6 +262,17 @@ def _latency_lines(card: dict) -> list[str]:
     return _table(["source", "figures (ms)", "machine"], rows)
 
 
+def _runtime_section(rt: dict | None) -> list[tuple[str, list[str]]]:
+    if not rt:
+        return []
+    config = ", ".join(f"`{k}={v}`" for k, v in rt["verified_session_config"].items()) or \
+        "a default `onnxruntime.InferenceSession` (no session options needed)"
+    return [("Runtime", _kv([("low-bit forms", ", ".join(f"{k} × {v}" for k, v in rt["forms"].items())),
+                             ("activations", f"{rt['activation_precision']} ({rt['int8_activation_layers']} "
+                                             f"layer(s) with int8 activations)"),
+                             ("verified in", config), ("parity (relative error)", rt["parity_rel_error"])]))]
+
+
 def _sections(card: dict) -> list[tuple[str, list[str]]]:
     pre = card["preprocessing"]
     classes = card["classes"]
@@ -270,6 +290,7 @@ def _sections(card: dict) -> list[tuple[str, list[str]]]:
                       ("weights", card["weights"]), ("low-bit layers", card["lowbit_layers"])])),
         ("Bit widths", _table(["bits", "layers", "weights"], [[b, v["layers"], v["weights"]]
                                                              for b, v in card["bits"].items()])),
+        *_runtime_section(card.get("runtime")),
         ("Passes", _table(["#", "pass", "version", "summary", "checks"], [
             [i, p["pass"], p["version"], p.get("summary"),
              "; ".join(f"{k}: {'passed' if c.get('passed') else 'FAILED' if 'passed' in c else 'recorded'}"

@@ -252,8 +252,8 @@ def export(
     """Export to ONNX, verify against torch in onnxruntime, embed provenance. Default output: <stem>.onnx."""
     from edgec.app import api
 
-    with r.spinner("exporting and verifying", not as_json):
-        res = api.export(model, output, opts)
+    with r.spinner("exporting and verifying", not as_json) as update:
+        res = api.export(model, output, opts, progress=update)
     show(res, as_json, r.export_table)
 
 

@@ -241,11 +241,12 @@ def is_bundle(data) -> bool:
     return hasattr(data, "split") and hasattr(data, "task")
 
 
-def score(target, bundle, split: str | None = "test") -> dict:
-    """The eval protocol's metrics of ``target`` (a Model, or ONNX bytes) on ``bundle``, without latency."""
+def score(target, bundle, split: str | None = "test", ort_config: dict | None = None) -> dict:
+    """The eval protocol's metrics of ``target`` (a Model, or ONNX bytes run in a session with ``ort_config``)
+    on ``bundle``, without latency."""
     from edgec.evaluation import evaluate_model
 
-    return evaluate_model(target, bundle, split=split, latency=False)
+    return evaluate_model(target, bundle, split=split, latency=False, ort_config=ort_config)
 
 
 def onnx_latency(onnx_bytes: bytes, spec, threads: int, over: float | None) -> tuple[float, list, dict]:
@@ -279,13 +280,14 @@ def load_model_data(data, model, options=None):
 
 # --- export -----------------------------------------------------------------------------------------------
 
-def measure_export(model, onnx_bytes: bytes, bundle, gates: Gates, threads: int) -> Measured:
-    """Score the exported file on the data (when given: the card reports it too), the input model on the same
-    split for ``max_metric_drop``, and time the file for ``max_latency_ms``. The size is measured last, on the
-    final bytes (edgec.app.card.attach)."""
+def measure_export(model, onnx_bytes: bytes, bundle, gates: Gates, threads: int,
+                   ort_config: dict | None = None) -> Measured:
+    """Score the exported file on the data (when given: the card reports it too; in a session with
+    ``ort_config``, the one the file targets), the input model on the same split for ``max_metric_drop``, and
+    time the file for ``max_latency_ms``. The size is measured last, on the final bytes (edgec.app.card.attach)."""
     m = Measured()
     if bundle is not None:
-        m.evaluation = score(onnx_bytes, bundle)
+        m.evaluation = score(onnx_bytes, bundle, ort_config=ort_config)
         if gates.max_metric_drop is not None:
             m.baseline = score(model, bundle, split=m.evaluation["split"])
         metric_rows(gates, m)  # an unknown metric for this task: exit 2 here, not a failed gate

@@ -478,7 +478,32 @@ def export_table(res: dict) -> Table:
             "tolerance": parity["tolerance"], "passed": p["rel_error"] <= parity["tolerance"]})))
     if res.get("card"):
         rows.append(("model card", f"{res['card']} (and metadata 'edgec.card')"))
-    return kv_table("export", rows + gate_rows(res.get("gates")))
+    return kv_table("export", rows + _forms_rows(res) + gate_rows(res.get("gates")))
+
+
+def _forms_rows(res: dict) -> list[tuple]:
+    """How the INT2 layers were written, forms=auto's whole-file check, and both precisions' scores."""
+    f = res.get("forms")
+    if not f:
+        return []
+    rows = [("forms", f"{f['requested']} → {_counts(f['layers'])}; activations {f['activation_precision']} "
+                      f"({f['int8_activation_layers']} int8 layer(s)); session {f['target_config']}")]
+    whole = f.get("whole_model") or {}
+    if whole.get("runs"):
+        last = whole["runs"][-1]
+        verdict = "passed" if whole.get("passed") else "NOT within noise"
+        fell = f", {len(whole['cast_fallbacks'])} layer(s) fell back to cast" if whole.get("cast_fallbacks") else ""
+        rows.append(("vs fp32 export (side by side)",
+                     f"{last['ms']:.3f} ms vs {last['fp32_ms']:.3f} ms = {last['ratio']:.2f}x ({verdict}{fell})"))
+    elif whole.get("reason"):
+        rows.append(("vs fp32 export", whole["reason"]))
+    scores = res.get("activation_precisions")
+    if scores:
+        for prec, row in scores["precisions"].items():
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items() if isinstance(v, (int, float)))
+            mark = " (chosen)" if prec == scores["chosen"] else ""
+            rows.append((f"{prec} activations{mark}", f"{metrics}; parity rel error {row['parity_rel_error']:.2g}"))
+    return rows
 
 
 def _inspect_rows(res: dict) -> list[tuple]:

@@ -89,6 +89,10 @@ class ExportResult(Result):
     fp32_layers: list | None
     card: str | None = None  # the model card written beside the ONNX file (edgec.app.card)
     gates: dict | None = None  # the quality gates' report (edgec.app.gates.judge); None when none were set
+    # with --data and INT2 weights: metrics and parity at both activation precisions (edgec.app.api)
+    activation_precisions: dict | None = None
+    # INT2 only: forms asked, activation precision, target session, and forms=auto's whole-file check (with ms)
+    forms: dict | None = None
 
 
 @dataclass(frozen=True)

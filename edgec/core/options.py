@@ -52,7 +52,8 @@ VALUE_RULES: dict[str, dict] = {
     "margin": {"ge": 0, "lt": 1}, "min_density": {"gt": 0, "le": 1}, "expand": {"ge": 1}, "group_size": {"ge": 0},
     "opset": {"ge": MIN_OPSET}, "device": DEVICE, "pattern": PATTERN, "patterns": PATTERN,
     "init": {"choices": ("default", "preserve")}, "weights": {"choices": ("auto", "fp32", "int2")},
-    "forms": {"choices": ("measure", "dq", "matmulnbits")}, "split": {"choices": ("train", "val", "test")},
+    "forms": {"choices": ("auto", "cast", "dq", "matmulnbits")},
+    "activation_precision": {"choices": ("fp32", "int8")}, "split": {"choices": ("train", "val", "test")},
     "ScaffoldTernaryOptions.method": {"choices": ("sttn", "dlt")},
     "ScaffoldTernaryOptions.activations": {"choices": ("none", "ternary")},
     "ScaffoldBinaryOptions.activations": {"choices": ("none", "binary")},
@@ -304,8 +305,12 @@ class ExportOptions(SourceOptions):
 
     opset: int | None = _opt(None, "ONNX opset (default 20; 25 with INT2 weights).")
     weights: str = _opt("auto", "auto (INT2 where the graph is ternary/binary) | fp32 | int2.")
-    forms: str = _opt("measure", "INT2 Linear storage: measure (fastest per layer) | dq (DequantizeLinear) | "
-                                 "matmulnbits.")
+    forms: str = _opt("auto", "INT2 layer form: auto (fastest per layer in the target session, never slower "
+                              "than fp32) | cast (Cast->Mul: fp32 speed) | dq (DequantizeLinear) | matmulnbits.")
+    activation_precision: str = _opt("fp32", "fp32 (exact) | int8 (MatMulNBits accuracy_level 4: faster, "
+                                             "approximate; with --data both precisions are scored).")
+    target_config: str | None = _opt(None, "onnxruntime session the forms are chosen and verified for: default | "
+                                           "disable_quant_qdq | key=value[,key=value].")
     data: str | None = _opt(None, "Data the metric gates score the exported file on (its test, else val split; "
                                   "also fills the model card's metrics and class labels).")
     threads: int = _opt(1, "onnxruntime threads for the latency gate and for timing INT2 forms.")

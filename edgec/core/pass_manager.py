@@ -85,10 +85,12 @@ class Pass:
         structure on freshly initialised weights, so skip verification and weight-dependent work."""
         raise NotImplementedError
 
-    def __call__(self, model: Model, *, replay: bool = False) -> PassResult:
+    def __call__(self, model: Model, *, replay: bool = False, owned: bool = False) -> PassResult:
+        """Run the pass on a private clone of ``model`` (left unchanged). ``owned``: the caller hands ``model``
+        over (an intermediate nobody else holds), so the pass works on it directly instead of a copy."""
         if not replay:
             self.requires(model)
-        result = self.call(model.clone(), replay=replay)
+        result = self.call(model if owned else model.clone(), replay=replay)
         if not replay:
             self.ensures(result.model)
         return result
@@ -107,14 +109,20 @@ class PassManager:
     def __init__(self, passes: list[Pass]):
         self.passes = list(passes)
 
-    def __call__(self, model: Model, progress=None) -> tuple[Model, list[dict]]:
+    def __call__(self, model: Model, progress=None, owned: bool = False) -> tuple[Model, list[dict]]:
+        """``owned``: the caller gives ``model`` up (it must not use it afterwards), so no pass copies it; else
+        it is copied once, by the first pass, and each later pass works on the previous pass's output."""
         records = []
+        out_digest = None
         for p in self.passes:
             if progress:
                 progress(p.name)
-            before_digest, before_metrics = model.digest(), model_metrics(model)
-            result = p(model)
+            # the previous output's digest, unless something since changed it (nothing does in this loop)
+            before_digest = out_digest if out_digest is not None else model.digest()
+            before_metrics = model_metrics(model)
+            result = p(model, owned=owned)
             out = result.model
+            owned = True
             failed = {k: v for k, v in result.checks.items() if isinstance(v, dict) and v.get("passed") is False}
             if p.structural and result.modified:
                 out.passes.append(p.record())
@@ -123,6 +131,7 @@ class PassManager:
                                        summary=result.summary, **skipped, input_digest=before_digest,
                                        checks=result.checks,
                                        metrics={"before": before_metrics, "after": model_metrics(out)})
+            out_digest = record["output_digest"]
             # A no-op stays out of the artifact's history but is reported to the caller, unless it skipped
             # something: what was left alone, and why, belongs to the artifact's story.
             if result.modified or result.skipped:
@@ -164,8 +173,10 @@ def get_pass(name: str) -> type[Pass]:
     return getattr(importlib.import_module(module), cls)
 
 
-def replay(model: Model, records: list[dict], *, max_elements: int | None = None, what: str = "checkpoint") -> Model:
-    """Rebuild structure by re-running recorded structural passes from their parameters.
+def replay(model: Model, records: list[dict], *, max_elements: int | None = None, what: str = "checkpoint",
+           owned: bool = False) -> Model:
+    """Rebuild structure by re-running recorded structural passes from their parameters. ``owned``: ``model``
+    is the caller's to give up (freshly built), so the passes rebuild it in place instead of on copies.
 
     ``records`` are checked first (known passes, known parameters within bounds: edgec.core.schema), so a file
     cannot make a pass allocate without limit; ``max_elements`` bounds the weights and buffers the model may hold
@@ -177,7 +188,7 @@ def replay(model: Model, records: list[dict], *, max_elements: int | None = None
             raise EdgecError(f"{what} needs pass {rec['pass']} v{rec['version']}; this edgec has v{cls.version}")
         where = f"{what}: passes[{i}] ({rec['pass']})"
         try:
-            model = cls(**rec.get("params", {}))(model, replay=True).model
+            model = cls(**rec.get("params", {}))(model, replay=True, owned=owned or i > 0).model
         except EdgecError as exc:
             raise EdgecError(f"{where} cannot be replayed on {model.arch}: {exc}") from None
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # parameters that do not fit

@@ -20,6 +20,25 @@ class Dim:
     min: int = 1
     max: int = 4096
 
+    def check_size(self, alt: bool = False) -> int:
+        """The size equivalence and parity checks use: ``example``/``alt`` unless both exceed CHECK_SIZE, else
+        CHECK_SIZE and about half of it (odd where ``alt - example`` is odd; within min..max; two different
+        sizes). A short sequence runs the same code as a long one, at a fraction of the cost."""
+        if min(self.example, self.alt) <= CHECK_SIZE:
+            return self.alt if alt else self.example
+        example = min(max(self.min, CHECK_SIZE), self.max)
+        if not alt:
+            return example
+        other = min(max(self.min, CHECK_SIZE // 2 + (self.alt - self.example) % 2), self.max)
+        if other == example:
+            other = example + 1 if example < self.max else example - 1
+        return other
+
+
+# Dynamic axes whose traced and alternative sizes both exceed this are checked at this size and about half
+# of it (Dim.check_size).
+CHECK_SIZE = 32
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -29,7 +48,10 @@ class TensorSpec:
     high: int | None = None  # int inputs: values drawn from [0, high)
     ones: bool = False  # int inputs that are masks: all ones in samples
 
-    def shape(self, alt: bool = False) -> tuple[int, ...]:
+    def shape(self, alt: bool = False, check: bool = False) -> tuple[int, ...]:
+        """The traced (``alt``: the alternative) shape; ``check``: the small shapes checks run at."""
+        if check:
+            return tuple(d if isinstance(d, int) else d.check_size(alt) for d in self.dims)
         return tuple(d if isinstance(d, int) else (d.alt if alt else d.example) for d in self.dims)
 
 
@@ -41,14 +63,15 @@ class InputSpec:
     task: str = "classification"
     extra: dict = field(default_factory=dict)
 
-    def sample(self, seed: int = 0, alt: bool = False, batch: int | None = None):
-        """Deterministic sample inputs (a tuple of tensors, in input order)."""
+    def sample(self, seed: int = 0, alt: bool = False, batch: int | None = None, check: bool = False):
+        """Deterministic sample inputs (a tuple of tensors, in input order). ``check``: at the small check shapes
+        (``Dim.check_size``) that equivalence and parity checks use."""
         import torch
 
         g = torch.Generator().manual_seed(seed)
         out = []
         for t in self.inputs:
-            shape = list(t.shape(alt))
+            shape = list(t.shape(alt, check=check))
             if batch is not None and t.dims and not isinstance(t.dims[0], int):
                 shape[0] = batch
             if t.dtype in ("int64", "bool"):
@@ -61,6 +84,15 @@ class InputSpec:
             else:
                 out.append(torch.randn(shape, generator=g))
         return tuple(out)
+
+    def check_sample(self, seed: int = 0, alt: bool = False):
+        """``sample(seed, alt, check=True)``, or, for a subclass whose ``sample`` override takes no ``check``, its
+        own sample at the traced shapes (it may shape its inputs in ways the small shapes would not keep)."""
+        import inspect
+
+        if "check" in inspect.signature(self.sample).parameters:
+            return self.sample(seed=seed, alt=alt, check=True)
+        return self.sample(seed=seed, alt=alt)
 
     def dynamic_dims(self) -> list[dict[int, Dim]]:
         return [{i: d for i, d in enumerate(t.dims) if isinstance(d, Dim)} for t in self.inputs]

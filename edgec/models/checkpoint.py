@@ -10,6 +10,7 @@ docs/architecture.md#checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edgec.core.errors import EdgecError, first_line
-from edgec.core.fileio import atomic_write, read_data, serialize, sha256_file
+from edgec.core.fileio import read_data, sha256_file
 from edgec.core.graph import Model, container_digest, digest_of
 from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
@@ -60,14 +61,40 @@ def save_checkpoint(model, path: str | Path) -> str:
         "model": {"arch": model.arch, "config": model.config, "spec": spec_to_dict(model.spec),
                   "capture": capture_summary(model.capture)},
         "passes": model.passes,
-        "state_dict": model.state_dict(),
+        "state_dict": model.state_to_save(),  # no copy of the weights; the same bytes as a copy
         "provenance": model.provenance,
         "digest": digest,
     }
     check_container(container, f"refusing to write {Path(path).name}")
     container["container_digest"] = container_digest(container)
-    atomic_write(path, serialize(container))
+    _atomic_save(path, container)
     return digest
+
+
+def _atomic_save(path: str | Path, container: dict) -> None:
+    """``atomic_write(path, serialize(container))`` without holding the file's bytes in memory: ``torch.save``
+    streams into the temporary file (the same bytes; the same temporary-file-and-rename protocol)."""
+    import os
+    import tempfile
+
+    from edgec.core.fileio import _canonical
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(_canonical(container), f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 # --- building a Model from code ---------------------------------------------------------------------
@@ -149,16 +176,50 @@ def _load_edgec(path: Path, obj: dict, src: Source, verify: bool = True):
             check_sizes(arch, cfg)
         except EdgecError as exc:
             raise EdgecError(f"{path}: model.config: {exc}") from None
-    module = build(arch, cfg, base=base)
+    capture_record = obj["model"].get("capture") or {}
+    # Every parameter and persistent buffer is overwritten by the strict load below, so the module is built
+    # without running the weight initialisers, unless capturing it runs the module (a rewritten or
+    # shape-traced capture compares outputs, which must not see uninitialised memory).
+    plain_capture = capture_record.get("method") == "fx" and not capture_record.get("rewrites")
+    with torch.random.fork_rng(devices=[]), (no_init() if plain_capture else contextlib.nullcontext()):
+        module = build(arch, cfg, base=base)
     limit = max(REBUILD_GROWTH * sum(t.numel() for t in state_dict.values()), REBUILD_FLOOR)
     spec_data = obj["model"].get("spec")  # checked by the schema
     spec = spec_from_dict(spec_data) if spec_data else example_spec(module, src.input_shape, stored)
     model = model_from_module(module, stored, cfg, spec=spec)
-    model = replay(model, list(obj["passes"]), max_elements=limit, what=str(path))
-    load_state_dict_strict(model.gm, state_dict, path)
+    del module  # the capture holds its own copy
+    model = replay(model, list(obj["passes"]), max_elements=limit, what=str(path), owned=True)
+    load_state_dict_strict(model.gm, state_dict, path, assign=True)
     model.provenance = list(obj.get("provenance", []))
     model.gm.eval()
+    if verify:  # the weights are the file's, whose digest was just checked: no second hash of them
+        model.remember_digest(obj["digest"])
     return model
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+
+
+@contextlib.contextmanager
+def no_init():
+    """``torch.nn.init``'s fill functions as no-ops: building a module then allocates its weights but does not
+    fill them (for weights a strict load is about to overwrite; untouched pages cost no memory either)."""
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INITIALISERS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, _keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
 
 
 # Rebuilding a checkpoint builds the dense architecture, then replays its passes; a pruned model's weights can be
@@ -421,11 +482,21 @@ def check_finite(state_dict: dict, path) -> None:
         if not t.is_floating_point():
             continue
         values = t.float() if t.element_size() == 1 else t  # isfinite has no float8 kernels
+        # A sum is finite only if every element is (a NaN or Inf makes it NaN or Inf): one pass, no temporary;
+        # only a non-finite sum (or an overflowing one) needs the element-wise test.
+        if values.numel() and bool(torch.isfinite(values.sum())):
+            continue
         if not bool(torch.isfinite(values).all()):
             bad = "NaN" if bool(torch.isnan(values).any()) else "Inf"
             raise EdgecError(f"{path}: tensor '{name}' contains {bad} values")
 
 
-def load_state_dict_strict(gm, state_dict: dict, path) -> None:
+def load_state_dict_strict(gm, state_dict: dict, path, assign: bool = False) -> None:
+    """Strict load, one-line errors. ``assign``: the module takes the given tensors instead of copying them into
+    its own (no second copy of the weights; the caller gives them up); not where one tensor has two names
+    (tied weights), which a copy keeps tied."""
     _check_fit(gm.state_dict(), state_dict, path)
-    gm.load_state_dict(state_dict, strict=True)
+    if assign:
+        named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        assign = len({id(t) for _, t in named}) == len(named)
+    gm.load_state_dict(state_dict, strict=True, assign=assign)

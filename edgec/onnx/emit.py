@@ -1,8 +1,17 @@
-"""The two ONNX forms of a low-bit weight: ``dq`` (INT2 -> DequantizeLinear, standard ONNX) and ``matmulnbits``
-(``com.microsoft.MatMulNBits``, 2 bits), built as nodes that replace a layer's MatMul / Gemm / Conv weight.
+"""The three ONNX forms of a low-bit weight, built as nodes that replace a layer's MatMul / Gemm / Conv weight:
 
-Used by the INT2 rewrite (``edgec.onnx.int2``) and by the per-layer timing (``edgec.onnx.forms``); see
-docs/methods.md#int2-export.
+* ``cast``: INT2 -> Cast(float) -> Mul(scale) [-> Add(shift)], standard ONNX. onnxruntime constant-folds the
+  chain when it loads the file (it only keeps DequantizeLinear out of folding), so the file is 2-bit and the
+  session runs the float32 kernels at float32 speed, with no session option.
+* ``dq``: INT2 -> DequantizeLinear [-> Add(shift)], standard QDQ, for execution providers with QDQ kernels. In
+  a default CPU session the DQ is *not* folded (Conv dequantizes every run) and DQ -> MatMul is fused into an
+  int8-activation MatMulNBits.
+* ``matmulnbits``: ``com.microsoft.MatMulNBits`` (bits=2) replacing the consumer; ``accuracy_level`` 0 computes
+  in float32, 4 quantizes activations to int8 (onnxruntime's fast low-bit kernels).
+
+``cast`` is emitted as ``dq`` before onnxscript's optimizer runs (which would fold a Cast of a small constant
+back into float32) and converted afterwards by :func:`dq_to_cast`. Used by the INT2 rewrite
+(``edgec.onnx.int2``) and by the per-layer timing (``edgec.onnx.forms``); see docs/methods.md#int2-export.
 """
 from __future__ import annotations
 
@@ -11,9 +20,12 @@ from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx import TensorProto, numpy_helper
 
-FORMS = ("dq", "matmulnbits")
+FORMS = ("cast", "dq", "matmulnbits")
+ACCURACY_LEVEL = {"fp32": 0, "int8": 4}  # MatMulNBits accuracy_level per activation precision
 LOWBIT_OPSET = 25  # DequantizeLinear-25 is the first to accept INT2
 LOWBIT_IR_VERSION = 13  # onnx's IR version for opset 25
 MS_DOMAIN = "com.microsoft"
@@ -88,8 +100,9 @@ def _mnb_block(layer: Layer) -> int | None:
     if layer.group_size > 0:
         g = layer.group_size
         return g if g in MNB_BLOCKS else None
-    # per output channel: the block that stores fewest bytes (codes + scale + zero point), larger on ties
-    return min(MNB_BLOCKS, key=lambda b: (math.ceil(k / b) * (b // 4 + 8), -b))
+    # per output channel any block expresses the scale; 128 (or the smallest block covering K) was the fastest
+    # 2-bit kernel measured on AVX2 at both accuracy levels, and stores within 3 % of the fewest bytes
+    return next((b for b in MNB_BLOCKS if b >= k), 128) if k < 128 else 128
 
 
 def mnb_applicable(site: Site) -> str | None:
@@ -211,7 +224,14 @@ def _emit_dq_weight(e: Emitter, layer: Layer, layout: str):
     return w, desc
 
 
-def _pack_mnb(layer: Layer, block: int):
+def _pack_mnb(layer: Layer, block: int, zero_points: bool):
+    """(packed codes, scale, float zero points or None, weight error vs torch) for MatMulNBits at ``block``.
+
+    Codes are stored as ``code + 2``. Without zero points onnxruntime uses its default of 2, i.e. ``scale · code``
+    (the symmetric layout its int8-activation kernels need); with them, ``2 − shift / scale`` puts the shift in
+    the weight (exact, but onnxruntime then computes in float32). The error is for the weight as emitted: without
+    zero points a layer's shift is added by the correction term of :func:`_emit_mnb`.
+    """
     n, k = layer.out, layer.fan_in
     nb = math.ceil(k / block)
     q = np.full((n, nb * block), 2, np.uint8)
@@ -219,46 +239,162 @@ def _pack_mnb(layer: Layer, block: int):
     q = q.reshape(n, nb, block)
     packed = q[..., 0::4] | (q[..., 1::4] << 2) | (q[..., 2::4] << 4) | (q[..., 3::4] << 6)
     if layer.group_size > 0:
-        scale = layer.scale
-        shift = layer.shift
+        scale, shift = layer.scale, layer.shift
     else:
         scale = np.repeat(layer.scale, nb, axis=1)
         shift = None if layer.shift is None else np.repeat(layer.shift, nb, axis=1)
-    if shift is None:
-        zp = np.full_like(scale, 2.0)
-    else:
+    rep = lambda a: np.repeat(a, block, axis=1)[:, :k]  # noqa: E731
+    qf = q.reshape(n, -1)[:, :k].astype(np.float32)
+    zp = None
+    if zero_points and shift is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
             zp = np.where(scale != 0, 2.0 - shift / np.where(scale != 0, scale, 1.0), 2.0).astype(np.float32)
-    # what ORT computes for each weight: scale · (code + 2 − zp); compared with torch's dequantized()
-    qf = q.reshape(n, -1)[:, :k].astype(np.float32)
-    rep = lambda a: np.repeat(a, block, axis=1)[:, :k]  # noqa: E731
-    w_ort = rep(scale) * (qf - rep(zp))
+        w_ort = rep(scale) * (qf - rep(zp))
+    else:  # what ORT computes is scale · (q − 2); the shift (if any) comes from the correction term
+        w_ort = rep(scale) * (qf - 2.0) + (0.0 if shift is None else rep(shift))
     err = float(np.abs(w_ort - layer.w.reshape(n, k)).max()) if w_ort.size else 0.0
-    return packed.astype(np.uint8), np.ascontiguousarray(scale, np.float32), np.ascontiguousarray(zp, np.float32), err
+    zp = None if zp is None else np.ascontiguousarray(zp, np.float32)
+    return packed.astype(np.uint8), np.ascontiguousarray(scale, np.float32), zp, err
 
 
-def emit(e: Emitter, site: Site, form: str, x, rest: list):
+def _shift_correction(e: Emitter, site: Site, x, y):
+    """``y + Σ_group(x) · shift``: a layer's per-group shift as a term on the activations, so the weight itself
+    stays symmetric (``x @ (s·q + shift) = x @ (s·q) + Σ_g(x_g) · shift_g``). None when K is not whole groups."""
+    layer, p = site.layer, site.layer.name
+    rank = 2 if site.role == "Gemm" else len(layer.input_shape)
+    axes = e.init(f"{p}.shift_axes", np.array([-1], np.int64))
+    if layer.groups == 1:
+        sums = e.node("ReduceSum", [x, axes], f"{p}.input_sum", {"keepdims": 1})
+        corr = e.node("Mul", [sums, e.init(f"{p}.weight_shift", layer.shift[:, 0].copy(), "aux")], f"{p}.shift_term")
+    elif layer.groups * layer.group_size == layer.fan_in:
+        shape = np.array([0] * (rank - 1) + [layer.groups, layer.group_size], np.int64)
+        grouped = e.node("Reshape", [x, e.init(f"{p}.input_grouped_shape", shape)], f"{p}.input_grouped")
+        sums = e.node("ReduceSum", [grouped, axes], f"{p}.input_group_sums", {"keepdims": 0})
+        shift = np.ascontiguousarray(layer.shift.T)  # (groups, N)
+        corr = e.node("MatMul", [sums, e.init(f"{p}.weight_shift", shift, "aux")], f"{p}.shift_term")
+    else:
+        return None
+    return e.node("Add", [y, corr], f"{p}.matmulnbits_shifted")
+
+
+def _emit_mnb(e: Emitter, site: Site, x, rest: list, precision: str):
+    """MatMulNBits for one site: (output, description, weight error). With int8 activations a shifted layer keeps a
+    symmetric weight and adds its shift as a correction term (float zero points would disable the int8 kernels)."""
+    layer, p = site.layer, site.layer.name
+    level = ACCURACY_LEVEL[precision]
+    block = _mnb_block(layer)
+    shifted = layer.shift is not None
+    correct = shifted and level > 0 and (layer.groups == 1 or layer.groups * layer.group_size == layer.fan_in)
+    packed, scale, zp, err = _pack_mnb(layer, block, zero_points=shifted and not correct)
+    inputs = [x, e.init(f"{p}.weight_nbits", packed, "int2"), e.init(f"{p}.weight_scale", scale, "aux"),
+              None if zp is None else e.init(f"{p}.weight_zero_point", zp, "aux")]
+    bias = rest[0] if site.role == "Gemm" and rest and rest[0] is not None else None
+    if bias is not None:
+        inputs += [None, bias]
+    while inputs[-1] is None:
+        inputs.pop()
+    y = e.node("MatMulNBits", inputs, f"{p}.matmulnbits", domain=MS_DOMAIN,
+               attrs={"K": layer.fan_in, "N": layer.out, "bits": 2, "block_size": block, "accuracy_level": level})
+    parts = [f"bits=2, block_size={block}", "float zero_points" if zp is not None else "symmetric",
+             f"accuracy_level={level}"] + (["bias"] if bias is not None else [])
+    desc = f"MatMulNBits({', '.join(parts)})"
+    if correct:
+        y = _shift_correction(e, site, x, y)
+        desc += " -> Add(shift term)"
+    return y, desc, err
+
+
+def emit(e: Emitter, site: Site, form: str, x, rest: list, precision: str = "fp32"):
     """Nodes computing the consumer's output from its activation ``x`` (and bias ``rest``) in ``form``.
 
-    Returns (output value, description, weight max abs error vs torch, keeps_consumer). For "dq" the consumer
-    node is kept and only its weight input changes, so the output is the replacement weight value instead.
+    Returns (output value, description, weight max abs error vs torch, keeps_consumer). For "dq" and "cast"
+    the consumer node is kept and only its weight input changes, so the output is the replacement weight value;
+    "cast" is written as "dq" here and converted after optimization (:func:`dq_to_cast`).
     """
-    layer = site.layer
-    if form == "dq":
-        w, desc = _emit_dq_weight(e, layer, site.layout)
+    if form in ("dq", "cast"):
+        w, desc = _emit_dq_weight(e, site.layer, site.layout)
+        if form == "cast":
+            desc = [d.replace("DequantizeLinear(INT2", "Cast(INT2 -> float) -> Mul(scale").replace(
+                ", axis=0)", ")").replace(", axis=1)", ")") for d in desc]
         return w, " -> ".join(desc + [site.role]), 0.0, True
     if form == "matmulnbits":
-        block = _mnb_block(layer)
-        packed, scale, zp, err = _pack_mnb(layer, block)
-        p = layer.name
-        inputs = [x, e.init(f"{p}.weight_nbits", packed, "int2"), e.init(f"{p}.weight_scale", scale, "aux"),
-                  e.init(f"{p}.weight_zero_point", zp, "aux")]
-        bias = rest[0] if site.role == "Gemm" and rest and rest[0] is not None else None
-        if bias is not None:
-            inputs += [None, bias]
-        y = e.node("MatMulNBits", inputs, f"{p}.matmulnbits", domain=MS_DOMAIN,
-                   attrs={"K": layer.fan_in, "N": layer.out, "bits": 2, "block_size": block, "accuracy_level": 0})
-        desc = (f"MatMulNBits(bits=2, block_size={block}, float zero_points, accuracy_level=0"
-                f"{', bias' if bias is not None else ''})")
+        y, desc, err = _emit_mnb(e, site, x, rest, precision)
         return y, desc, err, False
     raise ValueError(form)
+
+
+# --------------------------------------------------------------------------------------------- cast form
+
+
+def dq_to_cast(proto, dq_outputs: set[str]) -> int:
+    """Turn each DequantizeLinear producing one of ``dq_outputs`` into Cast(float) -> Mul(scale) in place
+    (Reshape around the Mul when the DQ is blocked); returns how many were converted.
+
+    Exact: the DQ has no zero point, so it computes ``float(q) · scale``, the same single rounding-free product
+    (q ∈ {-1, 0, 1}). Run after onnxscript's optimizer, which would otherwise fold the Cast of a small constant.
+    """
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    def const(base: str, array: np.ndarray) -> str:
+        t = numpy_helper.from_array(np.ascontiguousarray(array), fresh(base))
+        graph.initializer.append(t)
+        return t.name
+
+    out, done = [], 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or node.output[0] not in dq_outputs:
+            out.append(node)
+            continue
+        q, s = inits[node.input[0]], numpy_helper.to_array(inits[node.input[1]])
+        a = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
+        shape, axis, block = list(q.dims), a.get("axis", 1), a.get("block_size", 0)
+        axis = axis % len(shape)
+        base = node.output[0]
+        qname, nb = q.name, (-(-shape[axis] // block) if block else 0)
+        if block and nb * block != shape[axis]:  # a ragged last block: pad the codes (still INT2), slice back below
+            pad = [(0, 0)] * len(shape)
+            pad[axis] = (0, nb * block - shape[axis])
+            qname = const(f"{q.name}.padded", np.pad(numpy_helper.to_array(q), pad))
+        qf = fresh(f"{base}.float")
+        out.append(onnx.helper.make_node("Cast", [qname], [qf], to=TensorProto.FLOAT))
+        if s.ndim == 0:
+            out.append(onnx.helper.make_node("Mul", [qf, const(f"{base}.scale", s)], [node.output[0]]))
+        elif not block:  # per-axis scale: broadcast along ``axis``
+            bshape = [1] * len(shape)
+            bshape[axis] = shape[axis]
+            out.append(onnx.helper.make_node("Mul", [qf, const(f"{base}.scale", s.reshape(bshape))], [node.output[0]]))
+        else:  # blocked along ``axis``: split it into (blocks, block), scale per block, join back
+            padded = shape[:axis] + [nb * block] + shape[axis + 1:]
+            split = shape[:axis] + [nb, block] + shape[axis + 1:]
+            sb = s.reshape(shape[:axis] + [nb, 1] + shape[axis + 1:])
+            r1, m = fresh(f"{base}.blocked"), fresh(f"{base}.blocked_scaled")
+            joined = fresh(f"{base}.padded") if padded != shape else node.output[0]
+            out += [onnx.helper.make_node("Reshape", [qf, const(f"{base}.block_shape", np.array(split, np.int64))],
+                                          [r1]),
+                    onnx.helper.make_node("Mul", [r1, const(f"{base}.scale", sb)], [m]),
+                    onnx.helper.make_node("Reshape", [m, const(f"{base}.flat_shape", np.array(padded, np.int64))],
+                                          [joined])]
+            if padded != shape:
+                out.append(onnx.helper.make_node(
+                    "Slice", [joined, const(f"{base}.start", np.array([0], np.int64)),
+                              const(f"{base}.end", np.array([shape[axis]], np.int64)),
+                              const(f"{base}.axis", np.array([axis], np.int64))], [node.output[0]]))
+        done += 1
+    if done:
+        del graph.node[:]
+        graph.node.extend(out)
+        used = {i for n in graph.node for i in n.input}
+        keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return done

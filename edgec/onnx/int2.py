@@ -2,8 +2,9 @@
 
 Runs on the *unoptimized* export (the optimizer would fold small codes back into float32): each LowBit layer's
 weight subgraph is located by value (evaluated with onnx's reference evaluator and compared with torch's
-``dequantized()``), replaced by its ``dq`` or ``matmulnbits`` form (``edgec.onnx.emit``, chosen per layer by
-``edgec.onnx.forms``), and the new DQ weights are verified bit-exact. See docs/methods.md#int2-export.
+``dequantized()``), replaced by its ``cast``, ``dq`` or ``matmulnbits`` form (``edgec.onnx.emit``, chosen per
+layer by ``edgec.onnx.forms``), and the new DQ weights are verified bit-exact (``cast`` is written as DQ until
+the optimizer has run, then converted). See docs/methods.md#int2-export.
 """
 from __future__ import annotations
 
@@ -30,14 +31,13 @@ from edgec.onnx.emit import (
     emit,
     expected_weight,
 )
-from edgec.onnx.forms import PREFER_STANDARD_MARGIN, STRICT_SESSION_CONFIG, choose
+from edgec.onnx.forms import FORM_CHOICES, MIN_GAIN_MS, PREFER_STANDARD_MARGIN, check_precision, choose
 
-__all__ = ["FORMS", "FORM_CHOICES", "LOWBIT_IR_VERSION", "LOWBIT_OPSET", "MS_DOMAIN", "STRICT_SESSION_CONFIG",
-           "WEIGHT_MODES", "check_forms", "check_storage", "fp32_layers", "lowbit_layer_names", "lowbit_rewrite",
-           "resolve_opset", "resolve_weights"]
+__all__ = ["FORMS", "FORM_CHOICES", "LOWBIT_IR_VERSION", "LOWBIT_OPSET", "MS_DOMAIN", "WEIGHT_MODES",
+           "check_forms", "check_storage", "fp32_layers", "lowbit_layer_names", "lowbit_rewrite", "resolve_opset",
+           "resolve_weights"]
 
 WEIGHT_MODES = ("auto", "fp32", "int2")
-FORM_CHOICES = ("measure", "dq", "matmulnbits")
 
 
 # --------------------------------------------------------------------------------------------- modes
@@ -208,15 +208,19 @@ def fp32_layers(model) -> list[dict]:
     return out
 
 
-def lowbit_rewrite(model, ir_model, forms: str = "measure", threads: int = 1):
+def lowbit_rewrite(model, ir_model, forms: str = "auto", threads: int = 1, precision: str = "fp32",
+                   config: dict | None = None, overrides: dict | None = None, progress=None):
     """Rewrite ``ir_model`` (an unoptimized export at opset >= 25, in place) so every low-bit weight is 2-bit data.
 
     Run it before onnxscript's optimizer: the optimizer folds small constant subgraphs (and BatchNorm into a
     constant Conv weight), which would turn a small layer's codes back into float32 before we could see them,
-    while it keeps DequantizeLinear. Returns (embedded report, measurements, storage) where measurements hold
-    the per-layer timings (ms) that drove each choice and storage is what ``check_storage`` verifies afterwards.
+    while it keeps DequantizeLinear. ``precision`` / ``config``: activation precision and the onnxruntime
+    session config the forms are chosen for; ``overrides``: {layer key: (form, reason)} replacing a choice.
+    Returns (embedded report, measurements, storage) where measurements hold the per-layer timings (ms) that
+    drove each choice and storage is what ``check_storage`` verifies (and ``cast_outputs`` converts) afterwards.
     """
     check_forms(forms)
+    check_precision(precision)
     opset = ir_model.opset_imports.get("", 0)
     if opset < LOWBIT_OPSET:
         raise EdgecError(f"int2 rewrite needs an export at opset >= {LOWBIT_OPSET}, got {opset}")
@@ -227,17 +231,22 @@ def lowbit_rewrite(model, ir_model, forms: str = "measure", threads: int = 1):
     taken |= set(graph.initializers) | {v.name for v in graph.inputs}
     per_layer, timings, checks, storage = [], {}, [], []
     used_ms = False
-    for site in sites:
+    for i, site in enumerate(sites):
         layer = site.layer
-        form, reason, times = choose(site, forms, threads)
-        e, out, desc, err, keep = _replace_site(graph, site, form, taken)
+        key = layer.name if len(layer.sites) == 1 else f"{layer.name}#{layer.sites.index(site)}"
+        if progress is not None:
+            progress(f"form of low-bit layer {i + 1}/{len(sites)}: {key}")
+        form, reason, times = choose(site, forms, threads, precision, config)
+        if overrides and key in overrides:
+            form, reason = overrides[key]
+        e, out, desc, err, keep = _replace_site(graph, site, form, taken, precision)
         if keep:
             checks.append((layer, site.layout, out))
         else:
             used_ms = True
-        packed = e.initializers[0]  # the packed codes come first in both forms
-        storage.append((layer.name, form, packed.name, packed.const_value.tobytes()))
-        key = layer.name if len(layer.sites) == 1 else f"{layer.name}#{layer.sites.index(site)}"
+        packed = e.initializers[0]  # the packed codes come first in every form
+        dq_outs = tuple(n.outputs[0].name for n in e.nodes if n.op_type == "DequantizeLinear")
+        storage.append((layer.name, form, packed.name, packed.const_value.tobytes(), dq_outs))
         timings[key] = times
         per_layer.append(_layer_record(site, key, form, desc, reason, e.stored, err))
     _verify_dq_weights(graph, checks, opset)
@@ -245,10 +254,15 @@ def lowbit_rewrite(model, ir_model, forms: str = "measure", threads: int = 1):
         ir_model.opset_imports[MS_DOMAIN] = 1
     RemoveUnusedNodesPass()(ir_model)
     ir_model.ir_version = max(ir_model.ir_version or 0, LOWBIT_IR_VERSION)
-    return _report(model, forms, threads, per_layer), timings, storage
+    return _report(model, forms, threads, per_layer, precision, config or {}), timings, storage
 
 
-def _replace_site(graph, site: Site, form: str, taken: set[str]):
+def cast_outputs(storage: list) -> set[str]:
+    """The DequantizeLinear outputs that ``emit.dq_to_cast`` turns into the ``cast`` form after optimization."""
+    return {name for _layer, form, _init, _raw, outs in storage if form == "cast" for name in outs}
+
+
+def _replace_site(graph, site: Site, form: str, taken: set[str], precision: str):
     """Splice ``form``'s nodes in before the consumer: (emitter, output, description, weight error, kept consumer).
 
     ``dq`` keeps the consumer and swaps its weight input; ``matmulnbits`` replaces the consumer node itself.
@@ -256,7 +270,7 @@ def _replace_site(graph, site: Site, form: str, taken: set[str]):
     node = site.node
     e = Emitter(taken)
     x, rest = node.inputs[0], list(node.inputs[2:])
-    out, desc, err, keep = emit(e, site, form, x, rest)
+    out, desc, err, keep = emit(e, site, form, x, rest, precision)
     for v in e.initializers:
         graph.register_initializer(v)
     graph.insert_before(node, e.nodes)
@@ -288,14 +302,15 @@ def _layer_record(site: Site, key: str, form: str, desc: str, reason: str, store
     }
 
 
-def _report(model, forms: str, threads: int, per_layer: list[dict]) -> dict:
+def _report(model, forms: str, threads: int, per_layer: list[dict], precision: str, config: dict) -> dict:
     """The report embedded in the export record: the choices, the layers and the size accounting."""
     int2 = sum(r["int2_bytes"] for r in per_layer)
     aux = sum(r["aux_bytes"] for r in per_layer)
     fp32 = sum(r["fp32_bytes"] for r in per_layer)
     return {
-        "forms": forms, "timing": {"threads": threads, "session_config": STRICT_SESSION_CONFIG,
-                                   "prefer_standard_margin": PREFER_STANDARD_MARGIN},
+        "forms": forms, "activation_precision": precision,
+        "timing": {"threads": threads, "session_config": dict(sorted(config.items())),
+                   "prefer_standard_margin": PREFER_STANDARD_MARGIN, "min_gain_ms": MIN_GAIN_MS},
         "layers": per_layer,
         "weights": {"int2_bytes": int2, "aux_bytes": aux, "fp32_bytes": fp32,
                     "int2_ratio": int2 / fp32 if fp32 else 0.0, "ratio": (int2 + aux) / fp32 if fp32 else 0.0},
@@ -315,7 +330,8 @@ def _verify_dq_weights(graph, checks: list, opset: int) -> None:
 
 def check_storage(proto, storage: list) -> None:
     """After optimization: every low-bit layer's packed codes are still in the file, as INT2 read by a
-    DequantizeLinear or as uint8 read by a MatMulNBits (initializers with equal bytes may have been merged)."""
+    DequantizeLinear (``dq``, and ``cast`` before its conversion) or as uint8 read by a MatMulNBits
+    (initializers with equal bytes may have been merged)."""
     readers = {}
     for n in proto.graph.node:
         for i in n.input:
@@ -323,8 +339,8 @@ def check_storage(proto, storage: list) -> None:
     by_bytes = {}
     for t in proto.graph.initializer:
         by_bytes.setdefault((t.data_type, t.raw_data), []).append(t.name)
-    for layer, form, _name, raw in storage:
-        dtype, op = (TensorProto.INT2, "DequantizeLinear") if form == "dq" else (TensorProto.UINT8, "MatMulNBits")
+    for layer, form, _name, raw, _outs in storage:
+        dtype, op = (TensorProto.UINT8, "MatMulNBits") if form == "matmulnbits" else (TensorProto.INT2, "DequantizeLinear")
         names = by_bytes.get((dtype, raw), [])
         if not any(op in readers.get(nm, ()) for nm in names):
             raise CheckFailed(f"int2 export: the packed weight of {layer} ({form}) did not survive optimization")

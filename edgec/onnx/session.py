@@ -147,11 +147,12 @@ def measure_onnx(data, inputs, *, threads: int = 1, warmup: int = DEFAULT_WARMUP
 
 def measure_interleaved(models: list, inputs, *, threads: int = 1, warmup: int = DEFAULT_WARMUP,
                         repeats: int = DEFAULT_REPEATS, min_seconds: float = DEFAULT_MIN_SECONDS,
-                        max_repeats: int = DEFAULT_MAX_REPEATS) -> list[dict]:
+                        max_repeats: int = DEFAULT_MAX_REPEATS, config: dict | None = None) -> list[dict]:
     """Time several ONNX models side by side: one run of each in turn, round after round, so interference
     from other processes falls on all of them alike and their *ratio* is stable even on a busy machine.
-    Same stopping rule as :func:`measure_session` (counted in rounds); returns one stats dict per model."""
-    sessions = [create_session(m, threads) for m in models]
+    Same stopping rule as :func:`measure_session` (counted in rounds); returns one stats dict per model.
+    ``config``: session config entries for every session."""
+    sessions = [create_session(m, threads, config) for m in models]
     feeds = [_as_feed(s, inputs) for s in sessions]
     try:
         for s, f in zip(sessions, feeds):

@@ -116,7 +116,7 @@ def _producer(node, module) -> str:
 
 
 def _output_ranks(model: Model) -> dict[str, int]:
-    gm = model.clone().gm.eval()
+    gm = model.clone(share_weights=True).gm.eval()  # shape propagation only reads the weights
     with torch.no_grad():
         ShapeProp(gm).propagate(*model.spec.sample(seed=0))
     return {n.name: len(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
@@ -130,7 +130,7 @@ class FoldBatchNorm(Pass):
     version = 1
 
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
-        before = None if replay else model.clone()
+        before = None if replay else model.clone(share_weights=True)  # read-only: the pass replaces modules
         gm = model.gm
         pairs, skipped = scan_batchnorms(model)
         skipped = [] if replay else skipped

@@ -311,7 +311,7 @@ class HRFScaffold(Pass):
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         k, init = self.params["expand"], self.params["init"]
         preserve = init == "preserve" and not replay
-        before = model.clone() if preserve else None
+        before = model.clone(share_weights=True) if preserve else None  # read-only: new modules are inserted
         gm = model.gm
         ffns, skipped = self.select(model)
         modules = dict(gm.named_modules())
@@ -454,7 +454,7 @@ class FoldHRF(Pass):
         pairs = _check_hrf_users(model, EdgecError)
         if not pairs:
             return PassResult(model, modified=False, summary="no HRF scaffold")
-        before = None if replay else model.clone()
+        before = None if replay else model.clone(share_weights=True)  # read-only: the pass replaces modules
         modules = dict(gm.named_modules())
         folded = 0
         for node, users in pairs:

@@ -259,7 +259,7 @@ class LowBitFoldPass(Pass):
         found = self.found(model)
         if not found:
             return PassResult(model, modified=False, summary=f"no {self.label} scaffold")
-        before = None if replay else model.clone()
+        before = None if replay else model.clone(share_weights=True)  # read-only: the pass replaces modules
         gm = model.gm
         for name, m in found:
             set_submodule(gm, name, m.to_lowbit(fill=not replay))

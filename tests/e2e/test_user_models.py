@@ -124,8 +124,8 @@ def test_whole_chain_from_the_users_file(project, name):
     tern = api.scaffold_ternary(work / "m.pt", work / "t.pt", ScaffoldTernaryOptions(arch=str(a)))
     assert tern.scaffolds > 0 and all(s["reason"] for s in tern.skipped)
     api.fold(work / "t.pt", work / "tf.pt", FoldOptions(arch=str(a)))
-    # forms=dq: the per-layer timing of forms=measure is tested on the zoo (tests/e2e/test_lowbit_export.py)
-    exported = api.export(work / "tf.pt", work / "t.onnx", ExportOptions(arch=str(a), forms="dq"))
+    # forms=cast: forms=auto's per-layer timing is tested in tests/e2e/test_lowbit_forms.py
+    exported = api.export(work / "tf.pt", work / "t.onnx", ExportOptions(arch=str(a), forms="cast"))
     assert exported.checks["ort_parity"]["passed"] and exported.weights == "int2"
     # retries: the latency model underestimates depthwise CNNs here, so the measured loop tightens more often
     pruned = _cli_json("prune", work / "m.pt", "-o", work / "p.pt", "--latency-ratio", "0.85", "--arch", arch,
@@ -158,7 +158,7 @@ def test_ternary_and_hrf_reach_inside_the_stock_encoder(project, batch_first, no
     assert hrf.scaffolds == 2
     api.fold(tmp_path / "t.pt", tmp_path / "tf.pt", FoldOptions(arch=arch))
     if norm_first and not batch_first:  # one layout exports (each export takes seconds); the others: the chain
-        res = api.export(tmp_path / "tf.pt", tmp_path / "t.onnx", ExportOptions(arch=arch, forms="dq"))
+        res = api.export(tmp_path / "tf.pt", tmp_path / "t.onnx", ExportOptions(arch=arch, forms="cast"))
         assert res.checks["ort_parity"]["passed"]
 
 
