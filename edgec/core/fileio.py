@@ -14,12 +14,26 @@ from edgec.core.errors import EdgecError, first_line
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write bytes to ``path`` via a temporary file in the same folder and a rename."""
+    atomic_stream(path, lambda f: f.write(data))
+
+
+def atomic_save(path: str | Path, obj) -> None:
+    """``atomic_write(path, serialize(obj))`` without holding the file's bytes in memory: ``torch.save``
+    streams into the temporary file (the same bytes)."""
+    import torch
+
+    atomic_stream(path, lambda f: torch.save(_canonical(obj), f))
+
+
+def atomic_stream(path: str | Path, write) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path`` (nothing is left
+    behind on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edgec.core.errors import EdgecError, first_line
-from edgec.core.fileio import read_data, sha256_file
+from edgec.core.fileio import atomic_save, read_data, sha256_file
 from edgec.core.graph import Model, container_digest, digest_of
 from edgec.core.pass_manager import replay
 from edgec.core.provenance import record as provenance_record
@@ -67,34 +67,8 @@ def save_checkpoint(model, path: str | Path) -> str:
     }
     check_container(container, f"refusing to write {Path(path).name}")
     container["container_digest"] = container_digest(container)
-    _atomic_save(path, container)
+    atomic_save(path, container)
     return digest
-
-
-def _atomic_save(path: str | Path, container: dict) -> None:
-    """``atomic_write(path, serialize(container))`` without holding the file's bytes in memory: ``torch.save``
-    streams into the temporary file (the same bytes; the same temporary-file-and-rename protocol)."""
-    import os
-    import tempfile
-
-    from edgec.core.fileio import _canonical
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(_canonical(container), f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- building a Model from code ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from edgec.core.schema import check_onnx_provenance
 from edgec.onnx import forms as fm
 from edgec.onnx import int2 as lb
 from edgec.onnx.emit import dq_to_cast
-from edgec.onnx.session import create_session
+from edgec.onnx.session import create_session, measure_interleaved, sample_inputs
 
 DEFAULT_OPSET = 20
 PROVENANCE_KEY = "edgec.provenance"
@@ -259,8 +259,6 @@ def never_slower(model: Model, proto, report: dict, measurements: dict, opset: i
     (batch 1, the target session); while it is slower by more than ``NOISE``, write back to ``cast`` the half
     of the remaining non-cast layers that gained least alone, then all of them (a cast-only file is the fp32
     graph once onnxruntime has folded it). Returns the (possibly re-exported) proto, report and measurements."""
-    from edgec.onnx.session import measure_interleaved, sample_inputs
-
     rows = {r["layer"]: r for r in report["layers"]}
     fast = [k for k, r in rows.items() if r["form"] != "cast"]
     if not fast:

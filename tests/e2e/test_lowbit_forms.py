@@ -205,7 +205,7 @@ def test_auto_falls_back_to_cast_while_the_whole_file_is_slower_than_fp32(monkey
         calls.append(kw.get("config"))
         return [{"median_ms": 2.0}, {"median_ms": 1.0}]  # the candidate always measures 2x fp32
 
-    monkeypatch.setattr("edgec.onnx.session.measure_interleaved", slow)
+    monkeypatch.setattr("edgec.onnx.export.measure_interleaved", slow)
     data, record = export(model, activation_precision="int8")
     whole = record["lowbit"]["whole_model"]
     assert whole["checked"] and whole["fallback_rounds"] == 2 and not whole["passed"]
@@ -222,7 +222,7 @@ def test_auto_keeps_a_faster_form_when_the_whole_file_is_within_noise(monkeypatc
     model = shifted_model()
     monkeypatch.setattr("edgec.onnx.int2.choose", lambda site, *a, **k: (
         "matmulnbits", "measured (test)", {"matmulnbits": 0.5, "fp32 (reference)": 1.0, "cast": 1.0}))
-    monkeypatch.setattr("edgec.onnx.session.measure_interleaved",
+    monkeypatch.setattr("edgec.onnx.export.measure_interleaved",
                         lambda models, feed, **kw: [{"median_ms": 1.02}, {"median_ms": 1.0}])
     _, record = export(model, activation_precision="int8")
     whole = record["lowbit"]["whole_model"]
