@@ -275,6 +275,8 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
 
 
 def _forms_summary(record: dict) -> dict | None:
+    from edgec.app.card import form_counts
+
     lowbit = record.get("lowbit")
     if not lowbit:
         return None
@@ -283,12 +285,9 @@ def _forms_summary(record: dict) -> dict | None:
     runs = (record.get("measurements") or {}).get("whole_model")
     if runs:
         whole["runs"] = runs
-    counts: dict = {}
-    for r in lowbit["layers"]:
-        counts[r["form"]] = counts.get(r["form"], 0) + 1
     return {"requested": params["forms"], "activation_precision": params["activation_precision"],
             "target_config": params["target_config"], "session_config": params["session_config"],
-            "layers": counts, "int8_activation_layers": lowbit.get("int8_activation_layers", 0),
+            "layers": form_counts(lowbit["layers"]), "int8_activation_layers": lowbit.get("int8_activation_layers", 0),
             "whole_model": whole or None}
 
 

@@ -160,16 +160,21 @@ def base_card(model, record: dict, measured, features: dict | None = None) -> di
     }
 
 
+def form_counts(layers: list[dict]) -> dict:
+    """{form: number of low-bit layers written in it}, by form name."""
+    counts: dict = {}
+    for r in layers:
+        counts[r["form"]] = counts.get(r["form"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def runtime(record: dict) -> dict | None:
     """How the INT2 layers are written and the onnxruntime session the file was verified in (run it there)."""
     lowbit = record.get("lowbit")
     if not lowbit:
         return None
-    counts: dict = {}
-    for r in lowbit["layers"]:
-        counts[r["form"]] = counts.get(r["form"], 0) + 1
     parity = record["checks"]["ort_parity"]
-    return {"forms": dict(sorted(counts.items())), "activation_precision": lowbit.get("activation_precision"),
+    return {"forms": form_counts(lowbit["layers"]), "activation_precision": lowbit.get("activation_precision"),
             "int8_activation_layers": lowbit.get("int8_activation_layers", 0),
             "verified_session_config": parity.get("session_config") or {}, "parity_rel_error": parity["rel_error"]}
 

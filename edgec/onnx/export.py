@@ -203,13 +203,13 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     plain = proto.SerializeToString(deterministic=True)
     del proto  # one copy of a large model in memory: the bytes, from here on
     _validate(plain)
+    verify_config, note = verification_config(config, report) if mode == "int2" else ({}, None)
     if report is not None:
-        report["int8_activation_layers"] = fm.int8_activation_layers(report["layers"],
-                                                                     verification_config(config, report)[0])
+        report["int8_activation_layers"] = fm.int8_activation_layers(report["layers"], verify_config)
         if report["int8_activation_layers"]:
             tolerance = max(tolerance, INT8_TOLERANCE)
     say("verifying onnxruntime against torch (2 shapes x 2 seeds)")
-    checks, verify_config = _parity_checks(model, plain, mode, tolerance, config, report)
+    checks = _parity_checks(model, plain, mode, tolerance, verify_config, note)
     params = {"opset": opset, "weights": mode}
     if weights != mode:
         params["weights_requested"] = weights
@@ -319,11 +319,10 @@ def verification_config(config: dict, report: dict | None) -> tuple[dict, str | 
     return config, None
 
 
-def _parity_checks(model: Model, plain: bytes, mode: str, tolerance: float, target: dict,
-                   report: dict | None) -> tuple[dict, dict]:
-    """(checks, session config): ORT vs torch in the session the file targets (``verification_config``);
-    when that is not a default session, the default session's parity is recorded too, informationally."""
-    config, note = verification_config(target, report) if mode == "int2" else ({}, None)
+def _parity_checks(model: Model, plain: bytes, mode: str, tolerance: float, config: dict,
+                   note: str | None) -> dict:
+    """ORT vs torch in the session the file is verified in (``config``, from ``verification_config``); when that
+    is not a default session, the default session's parity is recorded too, informationally."""
     parity = ort_parity(model, plain, config=config)
     worst = max(v["rel_error"] for v in parity.values())
     check = {"parity": parity, "rel_error": worst, "tolerance": tolerance, "passed": worst <= tolerance}
@@ -336,7 +335,7 @@ def _parity_checks(model: Model, plain: bytes, mode: str, tolerance: float, targ
         default = ort_parity(model, plain)
         checks["ort_parity_default_session"] = {
             "parity": default, "rel_error": max(v["rel_error"] for v in default.values()), "informational": True}
-    return checks, config
+    return checks
 
 
 def _embed_provenance(data: bytes, model: Model, record: dict) -> bytes:
