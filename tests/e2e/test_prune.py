@@ -361,8 +361,10 @@ def test_budget_missed_after_retries_writes_nothing(resnet_ckpt, tmp_path, monke
 
     monkeypatch.setattr(run_mod, "measure_against", slow)
     out = tmp_path / "missed.pt"
+    # a budget well inside what the table reaches (0.8 sat within noise of its floor on a loaded machine and was
+    # refused as infeasible instead); the patched measurement is what misses it
     with pytest.raises(EdgecError) as exc:
-        prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.8, max_retries=1, densities=GRID))
+        prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.95, max_retries=1, densities=GRID))
     assert exc.value.exit_code == alcs.EXIT_BUDGET_MISSED == 5
     assert "best pruned model measured" in str(exc.value) and "--margin" in str(exc.value)
     assert len(calls) == 2  # two attempts, each measured side by side with the dense model
