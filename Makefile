@@ -1,15 +1,17 @@
 # Every target sets up .venv first (torch pinned to the local CPU wheel).
 #   make test       the whole suite (unit + e2e; installs espeak-ng and synthesises the speech fixture) -- CI
 #   make test-fast  tests/unit only: no espeak-ng, no fixture, no training (under 2 minutes)
+#   make keywords   synthesise the keyword-spotting fixture (fixtures/keywords; bench needs it)
 #   make lint       ruff + the import-layer contract (pyproject.toml [tool.ruff], [tool.importlinter])
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgec-installed
 SPEECH := fixtures/speech/labels.csv
+KEYWORDS := fixtures/keywords/labels.csv
 LINTED := edgec tests benchmarks fixtures
 
-.PHONY: venv demo test test-fast lint espeak clean bench
+.PHONY: venv demo test test-fast lint espeak clean bench keywords
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,12 @@ espeak:
 $(SPEECH): fixtures/make_speech.py | venv espeak
 	$(BIN)/python fixtures/make_speech.py --out fixtures/speech
 
+# keyword spotting (36 words, 24 voices, noise + reverberation): the capacity task of benchmarks/prune.py
+$(KEYWORDS): fixtures/make_keywords.py fixtures/make_speech.py | venv espeak
+	$(BIN)/python fixtures/make_keywords.py --out fixtures/keywords
+
+keywords: $(KEYWORDS)
+
 demo: venv espeak $(SPEECH)
 	$(BIN)/edgec run fixtures/demo.toml --out out/demo
 
@@ -40,8 +48,8 @@ lint: venv
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/lint-imports
 
-bench: venv espeak $(SPEECH)
+bench: venv espeak $(SPEECH) $(KEYWORDS)
 	$(BIN)/python benchmarks/zoo.py
 
 clean:
-	rm -rf out .cache fixtures/speech
+	rm -rf out .cache fixtures/speech fixtures/keywords

@@ -83,6 +83,8 @@ SIZES = {
                                   "num_strided": 2}},
     "hafformer": {"large": {"dims": [384, 640, 896], "depths": [2, 2, 3]}},
     "resnet": {"large": {"base_width": 96}},
+    "mobilenet": {"large": {"width": 32, "stage_channels": [32, 128, 384, 768], "blocks_per_stage": [1, 2, 3, 4],
+                            "strides": [2, 2, 2, 2], "expand_ratio": 6, "last_channels": 2048}},
     "bert": {"large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                        "intermediate_size": 2048}},
 }

@@ -170,6 +170,15 @@ class PruneOptions(SourceOptions):
     rho: float = _opt(1e-3, "ADMM penalty ρ.")
     lr: float = _opt(1e-3, "Learning rate for ADMM and fine-tuning.")
     min_density: float | None = _opt(None, "Keep at least this fraction of every group.")
+    importance: str = _opt("auto", "Unit importance the allocation trades against latency: auto (taylor with "
+                                   "--data, else l2) | taylor (loss sensitivity on held-out batches) | l2 (weight "
+                                   "norm).")
+    align: int = _opt(8, "Kept channel counts are multiples of this in groups of at least 4x as many units (1: any "
+                         "count).")
+    search: bool = _opt(True, "Before training, measure pruned structures to find the loosest allocation that "
+                              "meets the budget (the table's estimate can be far off); cached per machine like the "
+                              "latency table. --no-search: the table alone sets the target.",
+                      cli=("--search/--no-search",))
     max_retries: int = _opt(3, "Retries when the measured latency misses (retry k aims 0.95^(k(k+1)/2) lower: 5, 14, 26, 40 %…).")
     margin: float = _opt(0.0, "Aim the allocation this fraction below the budget (room for measurement noise "
                               "and latency-model error; e.g. 0.05).")
@@ -217,6 +226,12 @@ class PruneOptions(SourceOptions):
             problems.append(f"margin is a fraction of the budget in [0, 1) (got {self.margin})")
         if self.min_density is not None and not 0.0 < float(self.min_density) <= 1.0:
             problems.append(f"min_density must be in (0, 1] (got {self.min_density})")
+        if self.importance not in ("auto", "taylor", "l2"):
+            problems.append(f"importance must be auto, taylor or l2 (got {self.importance!r})")
+        elif self.importance == "taylor" and self.data is None:
+            problems.append("--importance taylor needs --data (held-out batches to take gradients on)")
+        if not isinstance(self.align, int) or isinstance(self.align, bool) or self.align < 1:
+            problems.append(f"align must be an integer >= 1 (got {self.align!r})")
         if problems:
             raise EdgecError("; ".join(problems))
 

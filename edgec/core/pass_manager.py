@@ -165,6 +165,24 @@ PASSES: dict[str, str] = {
 }
 
 
+# ``Model.config`` entry written by ``prune.channels``: ``{channel group: units}`` for every group of the
+# architecture at the point where its pruning starts (see ``width_run``), so the config states the real widths.
+PRUNED_WIDTHS = "pruned_widths"
+
+
+def width_run(records: list[dict]) -> tuple[int, int]:
+    """``(start, end)``: the first contiguous run of ``prune.channels`` records in a pass log, whose effect a
+    config's ``PRUNED_WIDTHS`` entry holds (rebuilding applies the widths at ``start`` instead of replaying the
+    run); ``(0, 0)`` when the log has none (the widths then apply to the architecture as built)."""
+    start = next((i for i, r in enumerate(records) if r.get("pass") == "prune.channels"), None)
+    if start is None:
+        return 0, 0
+    end = start
+    while end < len(records) and records[end].get("pass") == "prune.channels":
+        end += 1
+    return start, end
+
+
 def get_pass(name: str) -> type[Pass]:
     target = PASSES.get(name)
     if target is None:

@@ -26,7 +26,8 @@ from edgec.latency.units import Unit, as_unit
 from edgec.onnx.export import to_onnx
 from edgec.onnx.session import create_session, measure_session
 
-DEFAULT_DENSITIES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+DEFAULT_DENSITIES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0625)  # 1/16: a floor low enough that
+# every budget uniform pruning reaches is inside the grid
 DEFAULT_PATTERNS = ("channel",)
 INTERACTION_DENSITY = 0.5  # where a shared layer's slopes are measured
 OPSET = 20

@@ -19,11 +19,11 @@ from torch import nn
 
 from edgec.core.spec import Dim, InputSpec, TensorSpec
 
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
 
 
 def activation(name: str) -> nn.Module:
-    """An activation module by config name (``gelu``, ``relu``, ``silu``)."""
+    """An activation module by config name (``gelu``, ``relu``, ``silu``, ``relu6``, ``hardswish``)."""
     try:
         return _ACTIVATIONS[name]()
     except KeyError:

@@ -2,8 +2,9 @@
 
 An edgec checkpoint is plain data, never code: ``{format, model: {arch, config, spec, capture}, passes,
 state_dict, provenance, digest}``, written atomically with ``torch.save`` and read with
-``torch.load(weights_only=True)``; loading rebuilds the architecture, captures it, replays the structural
-passes and loads the weights strictly. A stored user architecture is imported only when the command or the
+``torch.load(weights_only=True)``; loading rebuilds the architecture from its config (a pruned one's
+``pruned_widths`` included: ``build_from_config``), captures it, replays the rest of the structural passes and
+loads the weights strictly. A stored user architecture is imported only when the command or the
 project file names it. Other forms (state_dict, safetensors, Lightning, a pickled module with
 ``trust_pickle``) are loaded into the eager module built from ``--arch``, then captured. See
 docs/architecture.md#checkpoints.
@@ -20,9 +21,9 @@ import torch
 from edgec.core.errors import EdgecError, first_line
 from edgec.core.fileio import atomic_save, read_data, sha256_file
 from edgec.core.graph import Model, container_digest, digest_of
-from edgec.core.pass_manager import replay
+from edgec.core.pass_manager import PRUNED_WIDTHS, get_pass, replay, width_run
 from edgec.core.provenance import record as provenance_record
-from edgec.core.schema import check_container
+from edgec.core.schema import check_container, check_pass_log
 from edgec.core.spec import spec_from_dict, spec_to_dict
 from edgec.models.capture import capture
 from edgec.models.source import (
@@ -117,6 +118,47 @@ def new_model(arch: str, overrides: dict | None = None, seed: int = 0, origin: d
     return model
 
 
+def build_from_config(arch: str, config: dict, *, passes=(), spec=None, input_shape=None, base=None, seed: int = 0):
+    """The architecture ``config`` describes, freshly initialised (deterministic in ``seed``), with no
+    provenance: built from the config without its ``pruned_widths``, captured, then cut to those widths (see
+    ``edgec.passes.prune_channels``). ``passes``: a structural pass log to rebuild as well (a checkpoint's),
+    whose ``prune.channels`` records the widths stand for are not replayed. Example inputs: ``spec``, else
+    ``input_spec()``, else ``input_shape``."""
+    dense = {k: v for k, v in config.items() if k != PRUNED_WIDTHS}
+    if arch in ZOO:
+        check_sizes(arch, dense)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build(arch, dense, base=base)
+    model = model_from_module(module, stored_arch(arch, base), dict(config), spec=spec, input_shape=input_shape)
+    model = rebuild_structure(model, list(passes), what=f"{arch} config", owned=True, complete=not passes)
+    return model
+
+
+def rebuild_structure(model, records: list[dict], *, max_elements: int | None = None, what: str = "checkpoint",
+                      owned: bool = False, complete: bool = False):
+    """``model`` (built from its config without ``pruned_widths``) with the structure its config and pass log
+    describe: the log replayed, with the run of ``prune.channels`` records that the config's widths stand for
+    (``width_run``) replaced by cutting the model to those widths. Without widths: ``replay`` as it always was.
+    ``complete``: list every group's width in the config (as pruning does) where the widths named only some."""
+    widths = model.config.get(PRUNED_WIDTHS)
+    if widths is None:
+        return replay(model, records, max_elements=max_elements, what=what, owned=owned)
+    check_pass_log(records, what)
+    start, end = width_run(records)
+    model = replay(model, records[:start], max_elements=max_elements, what=what, owned=owned)
+    if start == 0 and not owned:
+        model = model.clone()
+    try:
+        full = get_pass("prune.channels").shrink(model, widths, complete=complete)
+    except EdgecError as exc:
+        raise EdgecError(f"{what}: model.config: {exc}") from None
+    if full is not None:
+        model.config = {**model.config, PRUNED_WIDTHS: full}
+    model.passes.extend(dict(r) for r in records[start:end])
+    return replay(model, records[end:], max_elements=max_elements, what=what, owned=True)
+
+
 # --- loading ------------------------------------------------------------------------------------------
 
 def load_checkpoint(path: str | Path, source=None, *, verify: bool | None = None):
@@ -144,10 +186,11 @@ def _load_edgec(path: Path, obj: dict, src: Source, verify: bool = True):
     if verify:
         verify_container(obj, path)
     stored, cfg = obj["model"]["arch"], dict(obj["model"]["config"])
+    dense = {k: v for k, v in cfg.items() if k != PRUNED_WIDTHS}  # the widths cut the built model down
     arch, base = trusted_arch(path, stored, src)
     if arch in ZOO:  # a zoo config with a size below 1 builds a broken model that still exports
         try:
-            check_sizes(arch, cfg)
+            check_sizes(arch, dense)
         except EdgecError as exc:
             raise EdgecError(f"{path}: model.config: {exc}") from None
     capture_record = obj["model"].get("capture") or {}
@@ -156,13 +199,13 @@ def _load_edgec(path: Path, obj: dict, src: Source, verify: bool = True):
     # shape-traced capture compares outputs, which must not see uninitialised memory).
     plain_capture = capture_record.get("method") == "fx" and not capture_record.get("rewrites")
     with torch.random.fork_rng(devices=[]), (no_init() if plain_capture else contextlib.nullcontext()):
-        module = build(arch, cfg, base=base)
+        module = build(arch, dense, base=base)
     limit = max(REBUILD_GROWTH * sum(t.numel() for t in state_dict.values()), REBUILD_FLOOR)
     spec_data = obj["model"].get("spec")  # checked by the schema
     spec = spec_from_dict(spec_data) if spec_data else example_spec(module, src.input_shape, stored)
     model = model_from_module(module, stored, cfg, spec=spec)
     del module  # the capture holds its own copy
-    model = replay(model, list(obj["passes"]), max_elements=limit, what=str(path), owned=True)
+    model = rebuild_structure(model, list(obj["passes"]), max_elements=limit, what=str(path), owned=True)
     load_state_dict_strict(model.gm, state_dict, path, assign=True)
     model.provenance = list(obj.get("provenance", []))
     model.gm.eval()

@@ -28,6 +28,7 @@ ZOO: dict[str, str] = {
     "conformer": "edgec.models.conformer:Conformer",
     "hafformer": "edgec.models.hafformer:HAFFormer",
     "resnet": "edgec.models.resnet:ResNet",
+    "mobilenet": "edgec.models.mobilenet:MobileNet",
     "bert": "edgec.models.bert:Bert",
 }
 

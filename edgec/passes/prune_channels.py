@@ -4,6 +4,10 @@
 Producers lose output rows, consumers input columns, per-channel layers their channels, and the view/reshape
 literals that count units are rewritten. Check: the pruned model equals its input with the removed units
 zeroed (see docs/methods.md#coupled-channel-groups).
+
+The output's ``config`` records the real widths: ``config["pruned_widths"] = {group: units}`` for every group
+(``width_run`` in edgec.core.pass_manager says which records of the log the entry stands for), so the pruned
+architecture rebuilds from its config (edgec.models.checkpoint.build_from_config); the record stays in the log.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from edgec.core.graph import Model, set_submodule, verify_equivalent
 from edgec.core.ops import BATCHNORM as _BN
 from edgec.core.ops import CONV as _CONV
 from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
-from edgec.core.pass_manager import Pass, PassResult
+from edgec.core.pass_manager import PRUNED_WIDTHS, Pass, PassResult, width_run
 
 
 def _slice_weight(m, new, w, b, out, inp, out_attr: str, in_attr: str) -> None:
@@ -83,10 +87,10 @@ def _set_literal(node, arg: tuple, value: int) -> None:
     node.args = tuple(args)
 
 
-def apply_keep(model: Model, keep: dict) -> dict:
+def apply_keep(model: Model, keep: dict, analysis=None) -> dict:
     """Slice ``model`` in place to ``keep`` (validated); return ``{group: [size before, size after]}`` for the
-    groups that lose units."""
-    analysis = analyse(model)
+    groups that lose units. ``analysis``: ``analyse(model)`` when the caller has it."""
+    analysis = analysis or analyse(model)
     keep_idx = resolve_keep(analysis, keep)
     gm = model.gm
     modules = dict(gm.named_modules())
@@ -137,15 +141,48 @@ class PruneChannels(Pass):
         counts = {g.name: max(1, round(fraction * g.size)) for g in chosen}
         return cls(keep=keep_from_counts(model, counts, analysis))
 
+    @classmethod
+    def shrink(cls, model: Model, widths, *, complete: bool = False) -> dict | None:
+        """Cut ``model`` in place to ``widths`` ({group: units}, a config's ``pruned_widths``), keeping the first
+        units of each group: for rebuilding an architecture whose weights are loaded afterwards. Unknown groups
+        and counts a group cannot have are one-line errors naming the entry. ``complete``: return the widths of
+        every group afterwards (what pruning records), or None when cutting changed the groups' names."""
+        if not isinstance(widths, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in widths.items()):
+            raise EdgecError(f"'{PRUNED_WIDTHS}' must map channel group names to unit counts, "
+                             "e.g. {'conv1': 12}")
+        analysis = analyse(model)
+        sizes = {g.name: g.size for g in analysis.groups}
+        for name, n in widths.items():
+            if name not in sizes:
+                shown = ", ".join(list(sizes)[:6]) + (f" (+{len(sizes) - 6} more)" if len(sizes) > 6 else "")
+                raise EdgecError(f"'{PRUNED_WIDTHS}' names channel group '{name[:100]}', which {model.arch} does "
+                                 f"not have (groups: {shown})")
+            if not 1 <= n <= sizes[name]:
+                raise EdgecError(f"'{PRUNED_WIDTHS}' gives group '{name}' {n} unit(s); it has {sizes[name]} "
+                                 "(keep 1 to all of them)")
+            group = analysis.group(name)
+            if n < group.size and not group.prunable:
+                raise EdgecError(f"'{PRUNED_WIDTHS}' cuts group '{name}' to {n} of {group.size} units, but it "
+                                 f"cannot be pruned: {group.reasons[0]}")
+        apply_keep(model, {name: list(range(n)) for name, n in widths.items()}, analysis)
+        if not complete:
+            return None
+        after = {g.name: g.size for g in analyse(model).groups}
+        return after if list(after) == list(sizes) else None
+
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         keep = self.params["keep"]
-        before = None if replay else model.clone()
-        changed = apply_keep(model, keep)
-        removed = sum(b - a for b, a in changed.values())
         if replay:
-            return PassResult(model, modified=bool(removed))
+            changed = apply_keep(model, keep)
+            return PassResult(model, modified=any(b != a for b, a in changed.values()))
+        analysis = analyse(model)
+        before = model.clone()
+        changed = apply_keep(model, keep, analysis)
+        removed = sum(b - a for b, a in changed.values())
+        if removed:
+            model.config = _config_after(model, analysis, changed)
         checks = {"groups": {name: {"size": b, "kept": a} for name, (b, a) in changed.items()}}
-        analysis = analyse(before)
         not_exact = [name for name in changed if not analysis.group(name).zero_exact]
         if not_exact:
             checks["mask_equivalence"] = {"skipped": True, "groups": not_exact,
@@ -156,3 +193,31 @@ class PruneChannels(Pass):
         summary = (f"removed {removed} unit(s) from {len(changed)} channel group(s)" if removed
                    else "nothing to remove: every group keeps all its units")
         return PassResult(model, modified=bool(removed), checks=checks, summary=summary)
+
+
+def _config_after(model: Model, analysis, changed: dict) -> dict:
+    """The pruned model's config: ``pruned_widths`` = every group's units after this pass, when the entry can
+    stand for this pass (it is, or continues, the first run of ``prune.channels`` in the log: ``width_run``);
+    otherwise the config as it was, the pass log alone rebuilding the structure as before."""
+    config, log = model.config, model.passes  # the input's (this pass's record is appended after it)
+    current = {g.name: g.size for g in analysis.groups}
+    unique = len(current) == len(analysis.groups)  # two groups with one name: widths cannot tell them apart
+    widths = {name: changed[name][1] if name in changed else size for name, size in current.items()}
+    start, end = width_run(log)
+    prior = config.get(PRUNED_WIDTHS)
+    if prior is None:
+        # a model pruned before configs recorded widths (or with ambiguous group names): its log rebuilds it
+        return config if start < end or not unique else {**config, PRUNED_WIDTHS: widths}
+    if start == end and log:
+        raise EdgecError(f"prune.channels: this model was built from a pruned config ('{PRUNED_WIDTHS}') and then "
+                         f"changed by {log[0]['pass']}; prune it before that pass")
+    if end < len(log):  # pruned again after other structural passes: the log holds this one
+        return config
+    if not unique or current != prior:
+        # the earlier pruning changed how channels couple (e.g. a group cut to one unit): the entry no longer
+        # names this model's groups, so the full log rebuilds it instead
+        if start == end:
+            raise EdgecError(f"prune.channels: this model's config ('{PRUNED_WIDTHS}') does not describe its "
+                             "channel groups; prune the dense model instead")
+        return {k: v for k, v in config.items() if k != PRUNED_WIDTHS}
+    return {**config, PRUNED_WIDTHS: widths}

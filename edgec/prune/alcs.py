@@ -16,6 +16,7 @@ from edgec.core.errors import EdgecError
 from edgec.latency import simd as simd_mod
 from edgec.latency.model import LatencyModel
 from edgec.latency.table import normalise_patterns
+from edgec.prune.sensitivity import taylor_scores
 from edgec.train.loop import collate, preflight
 from edgec.train.losses import first_output, task_loss
 
@@ -107,14 +108,24 @@ def _breakpoints(densities: list[float], grid: list[float]) -> list[int]:
     return sorted(out)
 
 
-def channel_option(unit: str, group, scores: np.ndarray, grid: list[float], min_density: float | None = None
-                   ) -> Option:
+def aligned_counts(size: int, k_min: int, align: int) -> list[int]:
+    """Kept-unit counts from ``size`` down to ``k_min``: every count, or with ``align > 1`` (and a group of at
+    least 4 × ``align`` units) only multiples of ``align`` plus the dense width and the lowest count."""
+    if align <= 1 or size < 4 * align:
+        return list(range(size, k_min - 1, -1))
+    steps = [k for k in range(size - 1, k_min - 1, -1) if k % align == 0]
+    return list(dict.fromkeys([size] + steps + [k_min]))
+
+
+def channel_option(unit: str, group, scores: np.ndarray, grid: list[float], min_density: float | None = None,
+                   align: int = 1) -> Option:
+    """Levels: kept counts (:func:`aligned_counts`), removing the least important units first."""
     size = group.size
     lowest = max(min(grid), float(min_density or 0.0))
     k_min = max(1, int(math.ceil(size * lowest - 1e-9)))
     order = sorted(range(size), key=lambda i: (float(scores[i]), -i))  # least important first; ties: keep lower i
     cum = np.concatenate([[0.0], np.cumsum([float(scores[i]) for i in order])])
-    kept = list(range(size, k_min - 1, -1))
+    kept = aligned_counts(size, k_min, int(align))
     dens = [k / size for k in kept]
     cost = [float(cum[size - k]) for k in kept]
     return Option(unit, "channel", dens, kept, cost, _breakpoints(dens, grid), order=order)
@@ -219,10 +230,12 @@ def table_groups(lm, analysis) -> list:
     return found
 
 
-def build_options(lm, model, groups, weights: dict, patterns: list[str], min_density: float | None = None
-                  ) -> dict[str, list[Option]]:
+def build_options(lm, model, groups, weights: dict, patterns: list[str], min_density: float | None = None,
+                  scores: dict | None = None, align: int = 1) -> dict[str, list[Option]]:
     """Pruning options per unit for the allowed ``patterns`` that the table measured for it (no level below
-    the lowest measured density, nor below ``min_density``)."""
+    the lowest measured density, nor below ``min_density``). ``scores``: per-unit importance per group (e.g.
+    :func:`edgec.prune.sensitivity.taylor_scores`); groups not in it are scored by ``‖v‖²`` of ``weights``.
+    ``align``: channel levels keep multiples of it (see :func:`channel_option`)."""
     modules = dict(model.gm.named_modules())
     options: dict[str, list[Option]] = {}
     for g in groups:
@@ -238,7 +251,8 @@ def build_options(lm, model, groups, weights: dict, patterns: list[str], min_den
             if kind == "channel":
                 if g.size < 2:
                     continue
-                per.append(channel_option(g.name, g, unit_sq_norms(g, weights), grid, min_density))
+                unit_scores = scores[g.name] if scores and g.name in scores else unit_sq_norms(g, weights)
+                per.append(channel_option(g.name, g, unit_scores, grid, min_density, align))
             else:
                 opt = simd_option(g.name, p, n, g, weights, modules, grid, min_density)
                 if opt is not None and len(opt.densities) > 1:
@@ -346,13 +360,15 @@ def _greedy(state: _State, units: list[str], options: dict, target: float, curre
 
 
 def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: dict | None = None,
-             analysis=None, add_back: bool = True, min_density: float | None = None) -> Allocation:
+             analysis=None, add_back: bool = True, min_density: float | None = None, scores: dict | None = None,
+             align: int = 1) -> Allocation:
     """Per-unit densities with the latency model's estimate ≤ ``target_ms`` (docs/methods.md#alcs).
 
     ``table``: a latency table dict or a ``LatencyModel`` whose units are the model's channel groups.
     ``patterns``: the patterns units may use ("channel", "simd:N"). ``weights``: ``{producer module: weight}``
-    to score units with (ADMM passes ``W + U``); default the model's own weights. ``min_density``: no unit
-    below it (default: the table's lowest measured density). Raises ``EdgecError`` with
+    to score units with (ADMM passes ``W + U``); default the model's own weights. ``scores``: per-unit importance
+    per group instead of ``‖v‖²`` (:mod:`edgec.prune.sensitivity`). ``min_density``: no unit below it (default:
+    the table's lowest measured density). ``align``: kept widths in multiples of it where a group is wide. Raises ``EdgecError`` with
     ``exit_code = EXIT_INFEASIBLE`` when the target cannot be reached on the table's measured grid.
     """
     lm = _latency_model(table)
@@ -361,7 +377,7 @@ def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: 
     if weights is None:
         weights = producer_weights(model, groups)
     patterns = normalise_patterns(patterns)
-    options = build_options(lm, model, groups, weights, patterns, min_density)
+    options = build_options(lm, model, groups, weights, patterns, min_density, scores, align)
     units = list(options)
     state = _State(lm, units)
     dense_ms = lm.estimate({})
@@ -379,7 +395,8 @@ def allocate(table, model, target_ms: float, *, patterns=("channel",), weights: 
         _add_back(state, units, target, current)
         if lm.estimate(state.densities()) > target + 1e-9:  # incremental bookkeeping drifted: undo the add-back
             state.option, state.level = saved_state
-    return _finish(lm, analysis, state, options, weights, target, lm.estimate(state.densities()), dense_ms, moves)
+    return _finish(lm, analysis, state, options, weights, target, lm.estimate(state.densities()), dense_ms, moves,
+                   scores)
 
 
 def _add_back(state: _State, units: list[str], target: float, current: float) -> float:
@@ -404,7 +421,8 @@ def _add_back(state: _State, units: list[str], target: float, current: float) ->
         current += added
 
 
-def _finish(lm, analysis, state: _State, options, weights, target, estimate, dense_ms, moves) -> Allocation:
+def _finish(lm, analysis, state: _State, options, weights, target, estimate, dense_ms, moves, scores=None
+            ) -> Allocation:
     keep, masks, choice, sizes = {}, {}, {}, {}
     for u, opt in state.option.items():
         lvl = state.level[u]
@@ -421,7 +439,8 @@ def _finish(lm, analysis, state: _State, options, weights, target, estimate, den
                 w = weights[name].detach().cpu().numpy()
                 ins = w.shape[1]
                 masks[name] = (opt.n, simd_mod.vector_mask(w, opt.layer_kept[lvl][name] / ins, opt.n, balanced=True))
-    total = float(sum(unit_sq_norms(analysis.group(u), weights).sum() for u in options))
+    total = float(sum((scores[u] if scores and u in scores else unit_sq_norms(analysis.group(u), weights)).sum()
+                      for u in options))
     return Allocation(target_ms=float(target), estimated_ms=float(estimate), dense_ms=float(dense_ms), choice=choice,
                       keep=keep, masks=masks, sizes=sizes, removed_importance=state.cost(), total_importance=total,
                       moves=moves)
@@ -515,10 +534,12 @@ def _residual(w: dict, z: dict) -> float:
 
 def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs: int = 3, rho: float = 1e-3,
          lr: float = 1e-3, batch_size: int = 32, seed: int = 0, grad_clip: float = 1.0,
-         min_density: float | None = None, progress=None) -> AdmmResult:
+         min_density: float | None = None, importance: str = "l2", align: int = 1, progress=None) -> AdmmResult:
     """ALCS ADMM on a copy of ``model`` (docs/methods.md#admm). ``data``: an ``edgec.data.DataBundle``. Returns the
     trained (still dense) model, the final allocation on its weights, and per-round history (task loss,
-    ‖W − Z‖ / ‖W‖, estimate). The caller applies the hard mask (``prune.channels``) and fine-tunes."""
+    ‖W − Z‖ / ‖W‖, estimate). The caller applies the hard mask (``prune.channels``) and fine-tunes.
+    ``importance``: ``l2`` scores units by ``‖W + U‖²`` each round; ``taylor`` re-scores them each round by the
+    Taylor sensitivity of the current weights on held-out batches (:mod:`edgec.prune.sensitivity`)."""
     say = progress or (lambda _m: None)
     _check_admm_args(data, epochs, rho)
     t0 = time.perf_counter()
@@ -533,16 +554,18 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
     names = list(dict.fromkeys(n for g in groups for n in producer_names(g)))
     params = {n: modules[n].weight for n in names}
 
-    def allocate_on(w):
+    def allocate_on(w, r):
+        scores = (taylor_scores(student, data, analysis, groups, seed=seed + r) if importance == "taylor"
+                  else None)
         return allocate(lm, student, target_ms, patterns=patterns, weights=w, analysis=analysis,
-                        min_density=min_density)
+                        min_density=min_density, scores=scores, align=align)
 
     history = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         w = {n: p.detach().clone() for n, p in params.items()}
-        z = project(w, analysis, allocate_on(w))
+        z = project(w, analysis, allocate_on(w, 0))
         u = {n: torch.zeros_like(v) for n, v in w.items()}
         opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
         for r in range(int(epochs)):
@@ -550,7 +573,7 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
                                                grad_clip, r)
             w = {n: p.detach().clone() for n, p in params.items()}
             wu = {n: w[n] + u[n] for n in names}
-            alloc = allocate_on(wu)
+            alloc = allocate_on(wu, r + 1)
             z = project(wu, analysis, alloc)
             for n in names:
                 u[n] = u[n] + w[n] - z[n]
@@ -562,7 +585,7 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
             say(f"ADMM round {r + 1}/{epochs}: task loss {row['task_loss']:.4f}, ‖W−Z‖/‖W‖ {resid:.3g}")
     gm.eval()
     student.gm = gm
-    final = allocate(lm, student, target_ms, patterns=patterns, analysis=analysis, min_density=min_density)
+    final = allocate_on(None, int(epochs) + 1)
     return AdmmResult(student, final, history, time.perf_counter() - t0)
 
 

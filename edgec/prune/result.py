@@ -52,6 +52,9 @@ class PruneResult(Result):
     threads: int
     batch: int
     input_shapes: dict
+    importance: str  # "taylor" | "l2": what the allocation traded against latency
+    floor_check: dict | None  # the table's fastest configuration, measured, when the budget was below its estimate
+    search: list | None  # the measured search of the allocation target: one row per probed structure
     # filled by the file API (edgec.app.gates.release_pruned); None from prune_file / prune_model alone
     gates: dict | None = None  # the quality gates' report; None when none were set
     damage: dict | None = None  # accuracy damage: measured on --data, else estimated on random inputs

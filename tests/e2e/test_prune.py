@@ -22,6 +22,7 @@ from edgec.latency import simd as simd_mod
 from edgec.latency import table as tab
 from edgec.models.checkpoint import load_checkpoint, new_model, save_checkpoint
 from edgec.prune import alcs
+from edgec.prune import run as run_mod
 from edgec.prune.run import measure, prune_file, simd_report
 
 # --- a tiny model and synthetic tables ---------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_budget_missed_after_retries_writes_nothing(resnet_ckpt, tmp_path, monke
     # a budget well inside what the table reaches (0.8 sat within noise of its floor on a loaded machine and was
     # refused as infeasible instead); the patched measurement is what misses it
     with pytest.raises(EdgecError) as exc:
-        prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.95, max_retries=1, densities=GRID))
+        prune_file(resnet_ckpt, out, PruneOptions(latency_ratio=0.95, max_retries=1, densities=GRID, search=False))
     assert exc.value.exit_code == alcs.EXIT_BUDGET_MISSED == 5
     assert "best pruned model measured" in str(exc.value) and "--margin" in str(exc.value)
     assert len(calls) == 2  # two attempts, each measured side by side with the dense model
@@ -384,7 +385,7 @@ def test_same_table_same_seed_gives_byte_identical_files(one_shot, resnet_ckpt, 
     tab.save_table(table, tmp_path / "table.json")
     # a wide margin: byte-identity holds when the same attempt passes in both runs, so the first must pass
     # clearly (a budget within noise of the measurement may pass on a different attempt: documented)
-    opts = PruneOptions(latency_ratio=0.95, margin=0.2, table=str(tmp_path / "table.json"),
+    opts = PruneOptions(latency_ratio=0.95, margin=0.2, table=str(tmp_path / "table.json"), search=False,
                         measure_options={"repeats": 15, "min_seconds": 0.1})  # the check, not the subject here
     runs = [prune_file(resnet_ckpt, tmp_path / f"p{i}.pt", opts).to_dict() for i in range(2)]
     assert runs[0]["densities"] == runs[1]["densities"] and runs[0]["digest"] == runs[1]["digest"]
@@ -416,9 +417,11 @@ def test_budget_under_the_clamped_floor_is_exit_4_before_any_work(one_shot, resn
         raise AssertionError("allocation must not run for an infeasible budget")
 
     monkeypatch.setattr(alcs_mod, "allocate", boom)
+    # a budget between the two that is far enough below the floor (< FLOOR_MEASURE_FROM x it) to be refused
+    # without measuring the fastest configuration
+    budget = min(max(raw, 0.0) + 0.5 * (floor - max(raw, 0.0)), 0.9 * run_mod.FLOOR_MEASURE_FROM * floor)
     with pytest.raises(EdgecError) as exc:
-        prune_file(resnet_ckpt, tmp_path / "never.pt",
-                   PruneOptions(latency_ms=max(raw, 0.0) + 0.5 * (floor - max(raw, 0.0)), table=str(tmp_path / "neg.json")))
+        prune_file(resnet_ckpt, tmp_path / "never.pt", PruneOptions(latency_ms=budget, table=str(tmp_path / "neg.json")))
     assert exc.value.exit_code == 4 and "infeasible" in str(exc.value)
     assert not (tmp_path / "never.pt").exists()
 
