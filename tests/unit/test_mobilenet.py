@@ -74,7 +74,7 @@ def test_default_config_rebuilds_the_same_model():
     ({"strides": [1, 3, 2, 1]}, "strides must be 1 or 2"),
     ({"blocks_per_stage": [1, 2]}, "one entry per stage"),
     ({"expand_ratio": 0.5}, "expand_ratio must be >= 1"),
-    ({"activation": "gelu"}, "unknown activation 'gelu'"),
+    ({"activation": "mish"}, "unknown activation 'mish'"),
     ({"stage_channels": [16, 0, 48, 96]}, "must be >= 1"),
 ])
 def test_bad_config_is_one_edgec_error(overrides, match):
