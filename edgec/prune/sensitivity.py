@@ -1,6 +1,6 @@
 """Per-unit importance of channel groups: how much the task loss would rise if a unit were removed.
 
-Two scores, both per unit of a coupled channel group (docs/methods.md#importance):
+Two scores, both per unit of a coupled channel group (docs/methods.md#unit-importance):
 
 * ``l2`` — ``‖v‖²``: the squared norm of the unit's producer rows, summed over coupled producers (ALCS,
   arXiv 2109.00170). Needs no data; it is blind to where a unit sits, so a narrow layer that every later layer
