@@ -701,15 +701,13 @@ def plot(rows, combos, path):
     for ax, c in zip(axes[0], combos):
         cells = [a for a in agg if a["task"] == c.task and a["arch"] == c.arch and a["n"]]
         for method in METHODS:
-            pts = sorted((a["ms_mean"], a["metric_mean"], a["metric_std"]) for a in cells if a["method"] == method)
+            # x: latency over the dense model's measured side by side (absolute ms drift with machine load)
+            pts = sorted((a["ratio_mean"], a["metric_mean"], a["metric_std"]) for a in cells if a["method"] == method)
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=LABELS[method])
-        dense = [r["dense_ms"] for r in rows if r["task"] == c.task and r["arch"] == c.arch and "dense_ms" in r]
-        if dense:
-            ax.scatter([mean_std(dense)[0]], [c.meta["test_metric"]], marker="*", s=150, color="k", label="dense",
-                       zorder=5)
-        ax.set_xlabel("measured latency, ms (onnxruntime, 1 thread, batch 1)")
+        ax.scatter([1.0], [c.meta["test_metric"]], marker="*", s=150, color="k", label="dense", zorder=5)
+        ax.set_xlabel("measured latency × dense (side by side; onnxruntime, 1 thread, batch 1)")
         ax.set_ylabel(f"test {c.metric} (mean ± std over seeds)")
         ax.set_title(f"{c.task} / {c.arch}")
         ax.grid(alpha=0.3)
