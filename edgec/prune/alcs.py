@@ -76,6 +76,11 @@ def unit_sq_norms(group, weights: dict[str, torch.Tensor]) -> np.ndarray:
     return total
 
 
+def unit_scores(group, weights: dict[str, torch.Tensor], scores: dict | None = None) -> np.ndarray:
+    """The units' importance: ``scores[group]`` when given (e.g. Taylor sensitivity), else ``‖v‖²``."""
+    return scores[group.name] if scores and group.name in scores else unit_sq_norms(group, weights)
+
+
 def _simd_layers(group, modules) -> list[str]:
     return [s.target for s in group.slots if s.kind == "out" and simd_eligible(modules[s.target])]
 
@@ -251,8 +256,7 @@ def build_options(lm, model, groups, weights: dict, patterns: list[str], min_den
             if kind == "channel":
                 if g.size < 2:
                     continue
-                unit_scores = scores[g.name] if scores and g.name in scores else unit_sq_norms(g, weights)
-                per.append(channel_option(g.name, g, unit_scores, grid, min_density, align))
+                per.append(channel_option(g.name, g, unit_scores(g, weights, scores), grid, min_density, align))
             else:
                 opt = simd_option(g.name, p, n, g, weights, modules, grid, min_density)
                 if opt is not None and len(opt.densities) > 1:
@@ -439,8 +443,7 @@ def _finish(lm, analysis, state: _State, options, weights, target, estimate, den
                 w = weights[name].detach().cpu().numpy()
                 ins = w.shape[1]
                 masks[name] = (opt.n, simd_mod.vector_mask(w, opt.layer_kept[lvl][name] / ins, opt.n, balanced=True))
-    total = float(sum((scores[u] if scores and u in scores else unit_sq_norms(analysis.group(u), weights)).sum()
-                      for u in options))
+    total = float(sum(unit_scores(analysis.group(u), weights, scores).sum() for u in options))
     return Allocation(target_ms=float(target), estimated_ms=float(estimate), dense_ms=float(dense_ms), choice=choice,
                       keep=keep, masks=masks, sizes=sizes, removed_importance=state.cost(), total_importance=total,
                       moves=moves)
@@ -591,4 +594,4 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
 
 __all__ = ["EXIT_BUDGET_MISSED", "EXIT_INFEASIBLE", "AdmmResult", "Allocation", "Option", "admm", "allocate",
            "build_options", "channel_option", "producer_names", "producer_weights", "project", "simd_eligible",
-           "simd_option", "table_groups", "unit_sq_norms"]
+           "simd_option", "table_groups", "unit_scores", "unit_sq_norms"]

@@ -396,18 +396,28 @@ def _infeasible(run: _Run, floor_detail: str) -> EdgecError:
 def _measure_floor(run: _Run) -> dict:
     """The table's fastest configuration, exported and measured (side by side with dense for a ratio budget)."""
     run.say("the latency table puts the budget below its fastest configuration: measuring that configuration")
-    o, relative = run.options, _relative_budget(run)
-    pruned, _ = PassManager([PruneChannels(keep=_allocate(run, run.min_table).keep)])(run.model)
-    floor_bytes = to_onnx(pruned).SerializeToString()
-    if relative is not None:
-        dense, meas = measure_against(run.dense_bytes, floor_bytes, run.feed, run.threads, o.measure_options)
-        fraction, budget_local = meas["median_ms"] / dense["median_ms"], relative * dense["median_ms"]
-    else:
-        meas = measure(floor_bytes, run.feed, run.threads, over=run.budget_local, options=o.measure_options)
-        fraction, budget_local = meas["median_ms"] / run.dense_ms, run.budget_local
+    meas, budget_local, dense_side = _measure_for_budget(run, _structure_onnx(run, _allocate(run, run.min_table)))
     return {"estimated_table_ms": run.min_table, "measured_ms": meas["median_ms"],
-            "measured_fraction_of_dense": fraction, "budget_ms": budget_local,
+            "measured_fraction_of_dense": meas["median_ms"] / (dense_side or run.dense_ms), "budget_ms": budget_local,
             "passed": meas["median_ms"] <= budget_local}
+
+
+def _structure_onnx(run: _Run, alloc) -> bytes:
+    """The dense model shrunk one-shot to ``alloc`` (no training), exported unverified: for timing only."""
+    pruned, _ = PassManager([PruneChannels(keep=alloc.keep)])(run.model)
+    return to_onnx(pruned).SerializeToString()
+
+
+def _measure_for_budget(run: _Run, onnx_bytes: bytes) -> tuple[dict, float, float | None]:
+    """``(measurement, local budget ms, dense ms side by side or None)``: a relative budget is checked against
+    the dense model measured side by side (interleaved: load slows both alike), a ms budget against the median
+    (measured again once when over)."""
+    o, relative = run.options, _relative_budget(run)
+    if relative is not None:
+        dense, meas = measure_against(run.dense_bytes, onnx_bytes, run.feed, run.threads, o.measure_options)
+        return meas, relative * dense["median_ms"], dense["median_ms"]
+    meas = measure(onnx_bytes, run.feed, run.threads, over=run.budget_local, options=o.measure_options)
+    return meas, run.budget_local, None
 
 
 def _simd_notes(run: _Run) -> None:
@@ -503,12 +513,7 @@ def _attempt(run: _Run, attempt: int, target: float, alloc0) -> _Attempt:
         pruned, ft_record = _finetune_pruned(run, pruned)
     run.say("exporting (verified) and measuring the pruned model")
     onnx_bytes, export_record = export(pruned)
-    budget_local, relative, dense_side = run.budget_local, _relative_budget(run), None
-    if relative is not None:  # measured side by side with the dense model: the ratio is what counts
-        dense, meas = measure_against(run.dense_bytes, onnx_bytes, run.feed, run.threads, o.measure_options)
-        budget_local, dense_side = relative * dense["median_ms"], dense["median_ms"]
-    else:
-        meas = measure(onnx_bytes, run.feed, run.threads, over=run.budget_local, options=o.measure_options)
+    meas, budget_local, dense_side = _measure_for_budget(run, onnx_bytes)
     measured = meas["median_ms"]
     est_local = alloc.estimated_ms / run.scale
     row = {"attempt": attempt + 1, "target_ms": target / run.scale, "target_table_ms": target,
@@ -537,9 +542,8 @@ def _first_target(run: _Run) -> float:
         alloc = _allocate(run, target)
         sig = alloc.signature()
         if sig not in measured:
-            pruned, _ = PassManager([PruneChannels(keep=alloc.keep)])(run.model)
-            dense, meas = measure_against(run.dense_bytes, to_onnx(pruned).SerializeToString(), run.feed,
-                                          run.threads, o.measure_options)
+            dense, meas = measure_against(run.dense_bytes, _structure_onnx(run, alloc), run.feed, run.threads,
+                                          o.measure_options)
             measured[sig] = meas["median_ms"] / dense["median_ms"]
             run.say(f"search: target {target / run.scale:.4g} ms (table) measured {measured[sig]:.3f} x dense "
                     f"(aim {aim:.3f})")

@@ -31,20 +31,14 @@ from edgec.core.errors import EdgecError
 from edgec.train.loop import collate
 from edgec.train.losses import first_output, task_loss
 
-IMPORTANCES = ("auto", "taylor", "l2")
 TAYLOR_BATCHES = 8  # held-out batches averaged (enough to rank units; each is one forward + backward)
 TAYLOR_BATCH_SIZE = 32
 
 
 def resolve_importance(name: str, has_data: bool) -> str:
-    """``auto`` → ``taylor`` with data, ``l2`` without; ``taylor`` without data is an error."""
-    if name not in IMPORTANCES:
-        raise EdgecError(f"importance must be one of {', '.join(IMPORTANCES)} (got {name!r})")
-    if name == "auto":
-        return "taylor" if has_data else "l2"
-    if name == "taylor" and not has_data:
-        raise EdgecError("--importance taylor needs --data (held-out batches to take gradients on)")
-    return name
+    """``auto`` → ``taylor`` with data, ``l2`` without (``PruneOptions.validate`` has refused unknown names and
+    ``taylor`` without data)."""
+    return ("taylor" if has_data else "l2") if name == "auto" else name
 
 
 def _unit_params(module, kind: str) -> list[tuple[torch.Tensor, int]]:
@@ -106,4 +100,4 @@ def taylor_scores(model, data, analysis, groups, *, seed: int = 0, batches: int 
     return {g.name: totals[g.index] / n_batches for g in groups}
 
 
-__all__ = ["IMPORTANCES", "TAYLOR_BATCHES", "resolve_importance", "taylor_scores"]
+__all__ = ["TAYLOR_BATCHES", "resolve_importance", "taylor_scores"]
