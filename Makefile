@@ -2,6 +2,7 @@
 #   make test       the whole suite (unit + e2e; installs espeak-ng and synthesises the speech fixture) -- CI
 #   make test-fast  tests/unit only: no espeak-ng, no fixture, no training (under 2 minutes)
 #   make keywords   synthesise the keyword-spotting fixture (fixtures/keywords; bench needs it)
+#   make text       build the English text corpus + tokenizer from python3.11-doc (fixtures/text; bench needs it)
 #   make lint       ruff + the import-layer contract (pyproject.toml [tool.ruff], [tool.importlinter])
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,9 +10,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgec-installed
 SPEECH := fixtures/speech/labels.csv
 KEYWORDS := fixtures/keywords/labels.csv
+TEXT   := fixtures/text/tokens.safetensors
+DOCSRC := /usr/share/doc/python3.11/html/_sources
 LINTED := edgec tests benchmarks fixtures
 
-.PHONY: venv demo test test-fast lint espeak clean bench keywords
+.PHONY: venv demo test test-fast lint espeak clean bench keywords text pydoc
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +38,17 @@ $(KEYWORDS): fixtures/make_keywords.py fixtures/make_speech.py | venv espeak
 
 keywords: $(KEYWORDS)
 
+# the Python 3.11 documentation sources (Debian package python3.11-doc, PSF License): the text corpus
+pydoc:
+	@test -d $(DOCSRC) || { apt-get update -qq && apt-get install -y -qq python3.11-doc >/dev/null; } \
+	  || { echo "python3.11-doc is needed: apt-get install python3.11-doc"; exit 2; }
+
+# English text for causal LMs (>= 1 M tokens, train/val/test by document, byte-level BPE tokenizer)
+$(TEXT): fixtures/make_text.py edgec/data/text.py | venv pydoc
+	$(BIN)/python fixtures/make_text.py --out fixtures/text --src $(DOCSRC)
+
+text: $(TEXT)
+
 demo: venv espeak $(SPEECH)
 	$(BIN)/edgec run fixtures/demo.toml --out out/demo
 
@@ -48,8 +62,8 @@ lint: venv
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/lint-imports
 
-bench: venv espeak $(SPEECH) $(KEYWORDS)
+bench: venv espeak $(SPEECH) $(KEYWORDS) $(TEXT)
 	$(BIN)/python benchmarks/zoo.py
 
 clean:
-	rm -rf out .cache fixtures/speech fixtures/keywords
+	rm -rf out .cache fixtures/speech fixtures/keywords fixtures/text

@@ -44,6 +44,10 @@ def _fill_for(name: str, ones_flag: bool = False) -> str | None:
     lower = name.lower()
     if ones_flag or "mask" in lower:
         return "ones"
+    if lower == "position_ids":  # a KV-cache decoder (edgec export --kv-cache): positions 0..S-1, empty past
+        return "positions"
+    if lower.startswith(("past_key_values", "past_key", "past_value")):
+        return "empty"
     if "token_type" in lower or "segment" in lower:
         return "zeros"
     return None
@@ -132,12 +136,17 @@ def build_feed(inputs: list[InputInfo], x: np.ndarray) -> dict[str, np.ndarray]:
         if info.fill is None:
             raise EdgecError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); eval "
                              f"feeds the data to '{first.name}' and cannot make up '{info.name}'")
+        if info.fill == "positions" and x.ndim == 2 and len(info.dims) == 2:
+            feed[info.name] = np.ascontiguousarray(np.broadcast_to(np.arange(x.shape[1], dtype=info.dtype), x.shape))
+            continue
         shape = []
         for i, d in enumerate(info.dims):
             if isinstance(d, int):
                 shape.append(d)
             elif d in named:
                 shape.append(named[d])
+            elif info.fill == "empty" and d is not None and "past" in d:
+                shape.append(0)  # no cached positions: the whole block is one prefill
             elif i < x.ndim and (i == 0 or len(info.dims) == x.ndim):
                 shape.append(x.shape[i])  # unnamed/renamed dynamic axis: assume it follows the first input
             else:
@@ -251,6 +260,62 @@ def score(outputs: np.ndarray, targets: np.ndarray, task: str, num_classes: int 
     return metrics, p.tolist()
 
 
+def score_lm(runner, dataset, batch_size: int, meta: dict, split: str, notes: list,
+             return_predictions: bool = False) -> dict:
+    """Causal-LM scores over every token of a split, streamed batch by batch (docs/methods.md#metrics).
+
+    NLL = Σ over positions of ``logsumexp(logits) − logits[next token]`` (float64); ``loss`` = NLL / tokens,
+    ``perplexity`` = exp(loss), ``accuracy`` = next-token top-1, ``bits_per_byte`` = NLL / ln 2 / bytes, where
+    bytes = the split's UTF-8 bytes (``meta["bytes"][split]``) times the fraction of its tokens that are
+    scored (``tokens_scored / meta["tokens"][split]``: packing drops the first token and the last partial
+    block); absent (with a note) when the data does not know its bytes. Returns ``{"metrics", "predictions"
+    (argmax ids per item, only with return_predictions), "tokens", "text_bytes"}``."""
+    nll, hits, count, preds = 0.0, 0, 0, []
+    for x, y in iter_batches(dataset, batch_size):
+        out = np.asarray(runner(build_feed(runner.inputs, x)))
+        if out.ndim != 3 or out.shape[:2] != y.shape:
+            raise EdgecError(f"a causal LM must output logits [batch, seq, vocab]; for token blocks {list(y.shape)} "
+                             f"the model outputs shape {list(out.shape)}")
+        targets = y.astype(np.int64)
+        if targets.size and (targets.min() < 0 or targets.max() >= out.shape[-1]):
+            raise EdgecError(f"the data holds token id {int(targets.max() if targets.min() >= 0 else targets.min())} "
+                             f"but the model outputs {out.shape[-1]} logits per position (ids 0..{out.shape[-1] - 1})")
+        if not np.all(np.isfinite(out)):
+            raise EdgecError("the model produced NaN/Inf logits on the data")
+        for logits, target in zip(out, targets):  # one item at a time: a float64 [T, V] copy, not [B, T, V]
+            z = logits.astype(np.float64)
+            z -= z.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(z).sum(axis=-1))
+            nll += float((logz - z[np.arange(len(target)), target]).sum())
+            top = logits.argmax(axis=-1)
+            hits += int((top == target).sum())
+            count += int(target.size)
+            if return_predictions:
+                preds.append(top.astype(int).tolist())
+    loss = nll / max(1, count)
+    metrics = {"perplexity": math.exp(loss) if loss < 709.0 else math.inf}
+    text_bytes = _scored_bytes(meta, split, count, notes)
+    if text_bytes is not None:
+        metrics["bits_per_byte"] = nll / math.log(2) / text_bytes
+    metrics |= {"accuracy": hits / max(1, count), "loss": loss}
+    return {"metrics": metrics, "predictions": preds, "tokens": count, "text_bytes": text_bytes}
+
+
+def _scored_bytes(meta: dict, split: str, scored: int, notes: list) -> float | None:
+    """The UTF-8 bytes the scored tokens stand for (see :func:`score_lm`); None, with a note, when unknown."""
+    meta = meta if isinstance(meta, dict) else {}
+    total = (meta.get("bytes") or {}).get(split) if isinstance(meta.get("bytes"), dict) else None
+    if not isinstance(total, (int, float)) or isinstance(total, bool) or not total > 0:
+        notes.append(f"bits per byte unavailable: the data does not record the text bytes of its {split} split")
+        return None
+    if split in (meta.get("bytes_estimated") or []):
+        notes.append(f"bits per byte: the {split} split's text bytes are estimated pro rata from its tokens")
+    tokens = (meta.get("tokens") or {}).get(split) if isinstance(meta.get("tokens"), dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 and tokens != scored:
+        return float(total) * scored / tokens
+    return float(total)
+
+
 def choose_split(bundle, split: str | None) -> tuple[str, str | None]:
     """``test`` (the default) falls back to ``val``; anything else is taken as asked."""
     if split in (None, "test"):
@@ -330,7 +395,7 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
              sample_rate: int = 16000, n_mels: int | None = None, frames: int | None = None, val_fraction: float = 0.2,
              seed: int = 0, cache_dir: str | None = None, normalize: str = "utterance",
              ort_config: dict | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.2,
-             return_predictions: bool = False, progress=None) -> dict:
+             return_predictions: bool = False, progress=None, block_size: int | None = None) -> dict:
     """Evaluate a checkpoint or ONNX file on a data split with the one protocol (docs/methods.md#metrics).
 
     ``n_mels=None``: the model's own n_mels (audio folders only). ``ort_config``: onnxruntime session
@@ -345,7 +410,7 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
     _say(progress, f"loading data {_name(data_source)}")
     bundle, n_mels, frames = load_eval_data(data_source, config, records, n_mels=n_mels, frames=frames,
                                             sample_rate=sample_rate, val_fraction=val_fraction, seed=seed,
-                                            cache_dir=cache_dir, normalize=normalize)
+                                            cache_dir=cache_dir, normalize=normalize, block_size=block_size)
     result = evaluate_model(target, bundle, split=split, batch_size=batch_size, threads=threads,
                             latency_batch=latency_batch, latency=latency, ort_config=ort_config, warmup=warmup,
                             repeats=repeats, min_seconds=min_seconds, return_predictions=return_predictions,
@@ -359,9 +424,10 @@ def evaluate(path, data_source, *, split: str | None = "test", batch_size: int =
 
 def load_eval_data(data_source, config: dict, records: list, *, n_mels: int | None = None,
                    frames: int | None = None, sample_rate: int = 16000, val_fraction: float = 0.2, seed: int = 0,
-                   cache_dir: str | None = None, normalize: str = "utterance") -> tuple:
+                   cache_dir: str | None = None, normalize: str = "utterance", block_size: int | None = None) -> tuple:
     """``(bundle, n_mels, frames)``: the data featurised the way the model was fine-tuned (its last ``finetune``
-    record's data options, else its config's ``n_mels`` and 200 frames) unless told otherwise. One protocol:
+    record's data options, else its config's ``n_mels`` and 200 frames) unless told otherwise; text packed in
+    blocks of the fine-tuned block_size, else 128 capped at the config's ``max_position_embeddings``. One protocol:
     ``edgec eval`` and the quality gates (edgec.app.gates) score the same items."""
     trained = next((r.get("params", {}).get("data_options") or {} for r in reversed(records)
                     if isinstance(r, dict) and r.get("pass") == "finetune"), {})
@@ -369,8 +435,12 @@ def load_eval_data(data_source, config: dict, records: list, *, n_mels: int | No
         n_mels = trained.get("n_mels") or (config.get("n_mels") if isinstance(config.get("n_mels"), int) else 40)
     if frames is None:
         frames = trained.get("frames") or 200
+    if block_size is None:
+        block_size = trained.get("block_size")
+    max_seq = config.get("max_position_embeddings")
     bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
-                       val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize)
+                       val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize,
+                       block_size=block_size, max_block_size=max_seq if isinstance(max_seq, int) else None)
     return bundle, n_mels, frames
 
 
@@ -422,8 +492,13 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
         prep = _prepare_onnx(target, first_item, latency, threads, ort_config, notes)
 
     _say(progress, f"predicting {len(dataset)} items ({split_used}) with {prep.runner.by}")
-    outputs, targets = predict(prep.runner, dataset, batch_size)
-    metrics, predictions = score(outputs, targets, bundle.task, bundle.num_classes, notes)
+    lm = None
+    if bundle.task == "causal_lm":
+        lm = score_lm(prep.runner, dataset, batch_size, bundle.meta, split_used, notes, return_predictions)
+        metrics, predictions = lm.pop("metrics"), lm.pop("predictions")
+    else:
+        outputs, targets = predict(prep.runner, dataset, batch_size)
+        metrics, predictions = score(outputs, targets, bundle.task, bundle.num_classes, notes)
     lat = None
     if latency and prep.session is not None:
         _say(progress, f"timing onnxruntime ({threads} thread(s), batch {latency_batch})")
@@ -439,7 +514,7 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
         "task": bundle.task,
         "split": split_used,
         "split_note": split_note,
-        "n": int(len(targets)),
+        "n": int(len(dataset)),
         "classes": list(bundle.classes) if bundle.classes is not None else None,
         "input_shape": list(first_item.shape),
         "batch_size": int(batch_size),
@@ -449,6 +524,8 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
         "machine": machine_key(threads),
         "notes": notes,
     }
+    if lm is not None:
+        result |= lm  # tokens, text_bytes
     if return_predictions:
         result["predictions"] = predictions
     return result

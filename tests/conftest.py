@@ -32,3 +32,15 @@ def conformer_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "conformer.pt"
     save_checkpoint(new_model("conformer", seed=0), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster, and much faster on a busy machine
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -108,19 +108,30 @@ def zoo_create(name: str, output: str | Path, options: ZooCreateOptions = ZooCre
 
 
 def import_hf(folder: str | Path, output: str | Path) -> ImportResult:
+    """A Hugging Face folder (BERT, or a Llama / Qwen2 / Mistral causal LM) as a zoo ``bert`` / ``llama``
+    checkpoint (record ``import.hf``)."""
     from edgec.models.hf_bert import read_hf_bert
+    from edgec.models.hf_common import hf_family
+    from edgec.models.hf_llama import read_hf_llama
 
     folder = Path(folder)
     output = check_output(output)
-    config, state_dict = read_hf_bert(folder)
+    arch = hf_family(folder)
+    config, state_dict = (read_hf_llama if arch == "llama" else read_hf_bert)(folder)
     check_finite(state_dict, folder)
     digest = hashlib.sha256()
     # config plus every weight file read (a sharded checkpoint has an index and several shards)
     for path in [folder / "config.json", *sorted(folder.glob("model*.safetensors*"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    origin = provenance_record("import.hf", 1, {"source": folder.name, "source_sha256": digest.hexdigest(),
-                                                "config": config})
-    model = new_model("bert", config, seed=0, origin=origin)
+    params = {"source": folder.name, "source_sha256": digest.hexdigest(), "config": config}
+    if arch != "bert":  # BERT records stay as they were (same inputs, byte-identical output)
+        params = {"arch": arch, **params}
+    origin = provenance_record("import.hf", 1, params)
+    model = new_model(arch, config, seed=0, origin=origin)
+    if arch == "llama":
+        # The traced graph holds the rotary inv_freq (a function of the config, not in HF files) as a buffer;
+        # read_hf_llama already matched every module tensor by name and shape, so only such buffers are added.
+        state_dict = {**{k: v for k, v in model.gm.state_dict().items() if k not in state_dict}, **state_dict}
     load_state_dict_strict(model.gm, state_dict, folder)
     model.provenance[0]["output_digest"] = model.digest()
     return _saved(model, output, ImportResult, config=model.config)
@@ -237,6 +248,32 @@ def export(input_path: str | Path, output: str | Path | None = None,
         return export_model(model, out, options, input_label=str(input_path), progress=progress)
 
 
+def export_kv_model(model, out: Path, options: ExportOptions, input_label: str | None = None,
+                    progress=None) -> ExportResult:
+    """``--kv-cache``: one prefill + decode graph (edgec.onnx.generation), verified over prefill and 16 decode
+    steps, written atomically. No model card or quality gates (they score one-shot forwards)."""
+    from edgec.onnx.generation import export_kv
+
+    gated = [f"--{k.replace('_', '-')}" for k in ("data", "min_metric", "max_metric_drop", "max_latency_ms",
+                                                  "max_size_kb") if getattr(options, k) is not None]
+    if gated:
+        raise EdgecError(f"--kv-cache exports are not scored by the quality gates; drop {', '.join(gated)}")
+    data, record = export_kv(model, **_export_kwargs(options), progress=progress)
+    atomic_write(out, data)
+    return _export_result(model, out, data, record, input_label)
+
+
+def _export_result(model, out: Path, data: bytes, record: dict, input_label: str | None, **fields) -> ExportResult:
+    parity = record["checks"]["ort_parity"]
+    lowbit = record.get("lowbit") or {}
+    return ExportResult(input=input_label, output=str(out), file_bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), opset=record["params"]["opset"],
+                        weights=record["params"]["weights"], params=model.param_count(), checks=record["checks"],
+                        max_rel_error=parity["rel_error"], provenance_records=len(model.provenance) + 1,
+                        size=record.get("size"), lowbit_layers=lowbit.get("layers"),
+                        fp32_layers=lowbit.get("fp32_layers"), forms=_forms_summary(record), **fields)
+
+
 def export_model(model, out: Path, options: ExportOptions, input_label: str | None = None,
                  progress=None) -> ExportResult:
     """Export an in-memory ``Model`` to ``out`` (already checked as an output path), verified, with its model
@@ -246,6 +283,8 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
     from edgec.app import gates
     from edgec.onnx.export import export as export_onnx
 
+    if options.kv_cache:
+        return export_kv_model(model, out, options, input_label, progress)
     checks = gates.from_options(options)
     gates.require_data(checks, options.data, "export")
     gates.check_task(checks, model.spec.task, "export")
@@ -263,15 +302,8 @@ def export_model(model, out: Path, options: ExportOptions, input_label: str | No
                                            gates.decide_size(checks, measured))
     gates.write_or_reject(out, data, report)
     atomic_write(card_out, model_card.markdown(card).encode())
-    parity = record["checks"]["ort_parity"]
-    lowbit = record.get("lowbit") or {}
-    return ExportResult(input=input_label, output=str(out), file_bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(), opset=record["params"]["opset"],
-                        weights=record["params"]["weights"], params=model.param_count(), checks=record["checks"],
-                        max_rel_error=parity["rel_error"], provenance_records=len(model.provenance) + 1,
-                        size=record.get("size"), lowbit_layers=lowbit.get("layers"),
-                        fp32_layers=lowbit.get("fp32_layers"), card=str(card_out), gates=report,
-                        activation_precisions=precisions, forms=_forms_summary(record))
+    return _export_result(model, out, data, record, input_label, card=str(card_out), gates=report,
+                          activation_precisions=precisions)
 
 
 def _forms_summary(record: dict) -> dict | None:
@@ -350,7 +382,7 @@ def evaluate(input_path: str | Path, options: EvalOptions, progress=None) -> Eva
     o = options
     return EvalResult(run_eval(input_path, o.data, split=o.split, threads=o.threads, latency_batch=o.latency_batch,
                                latency=not o.no_latency, arch=o, n_mels=o.n_mels, frames=o.frames,
-                               progress=progress))
+                               block_size=o.block_size, progress=progress))
 
 
 def _latency_table(model, options: ProfileOptions, progress) -> dict:

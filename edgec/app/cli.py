@@ -29,6 +29,7 @@ from edgec.core.options import (
     ExportOptions,
     FinetuneOptions,
     FoldOptions,
+    GenerateOptions,
     InspectOptions,
     ProfileOptions,
     PruneOptions,
@@ -144,11 +145,12 @@ def zoo_create(
 
 @import_app.command("hf")
 def import_hf(
-    folder: Annotated[Path, typer.Argument(help="Folder with config.json and model.safetensors (BertModel layout).")],
+    folder: Annotated[Path, typer.Argument(help="Folder with config.json and model.safetensors (or a sharded index): "
+                                           "BERT, or a Llama / Qwen2 / Mistral causal LM.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
     as_json: JsonOpt = False,
 ):
-    """Import a Hugging Face BERT checkpoint (no transformers needed)."""
+    """Import a Hugging Face BERT or Llama-family (Llama, Qwen2, Mistral) checkpoint (no transformers needed)."""
     from edgec.app import api
 
     with r.spinner(f"importing {folder}", not as_json):
@@ -283,12 +285,28 @@ def eval_(
     opts: EvalOptions,
     as_json: JsonOpt = False,
 ):
-    """Score a checkpoint or ONNX file with one protocol: accuracy/WA, UAR, macro-F1 (or CCC, MAE), size, latency."""
+    """Score a checkpoint or ONNX file with one protocol: accuracy/WA, UAR, macro-F1 (or CCC, MAE; perplexity,
+    bits per byte for causal LMs), size, latency."""
     from edgec.app import api
 
     with r.spinner("evaluating", not as_json) as update:
         res = api.evaluate(model, opts, progress=update)
     show(res, as_json, r.eval_table)
+
+
+@app.command("generate")
+@with_options(GenerateOptions)
+def generate(
+    model: Annotated[Path, typer.Argument(help="A .pt checkpoint or a KV-cache .onnx (`edgec export --kv-cache`).")],
+    opts: GenerateOptions,
+    as_json: JsonOpt = False,
+):
+    """Generate text with a KV cache (greedy, or seeded sampling); prints prefill and decode tokens/s."""
+    from edgec.generation import generate_file
+
+    with r.spinner("generating", not as_json) as update:
+        res = generate_file(model, opts, progress=update)
+    show(res, as_json, r.generate_view)
 
 
 @app.command("profile")

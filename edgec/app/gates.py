@@ -17,10 +17,13 @@ from pathlib import Path
 
 from edgec.core.errors import EdgecError, GateFailed, first_line
 
-HIGHER_IS_BETTER = {"accuracy": "classification", "uar": "classification", "macro_f1": "classification",
-                    "ccc": "regression"}
-LOWER_IS_BETTER = ("mae", "rmse", "loss")
-PRIMARY = {"classification": "uar", "regression": "ccc"}  # the metric fine-tuning keeps the best epoch by
+# metric -> the tasks that measure it (a causal LM's accuracy is next-token top-1)
+HIGHER_IS_BETTER = {"accuracy": ("classification", "causal_lm"), "uar": ("classification",),
+                    "macro_f1": ("classification",), "ccc": ("regression",)}
+LOWER_IS_BETTER = ("mae", "rmse", "loss", "perplexity", "bits_per_byte")
+# The metric --max-metric-drop compares. For a causal LM it is next-token top-1 accuracy: a drop in a fraction,
+# like the classifiers' UAR (perplexity is unbounded and lower-is-better, so a "drop" in it has no fixed scale).
+PRIMARY = {"classification": "uar", "regression": "ccc", "causal_lm": "accuracy"}
 KIB = 1024
 LARGE_DROP = 0.05  # a measured primary-metric drop above this is "large damage"
 LARGE_DISAGREEMENT = 0.10  # one-shot estimate: more than this fraction of changed top-1 predictions
@@ -131,9 +134,9 @@ def require_data(gates: Gates, data, command: str) -> None:
 
 def check_task(gates: Gates, task: str, command: str) -> None:
     """A metric of another task (``ccc`` for a classifier) can never be measured: refuse before any work."""
-    wrong = [name for name in gates.min_metric if HIGHER_IS_BETTER[name] != task]
+    wrong = [name for name in gates.min_metric if task not in HIGHER_IS_BETTER[name]]
     if wrong and task in PRIMARY:
-        raise EdgecError(f"{command}: --min-metric {wrong[0]} is a {HIGHER_IS_BETTER[wrong[0]]} metric but the "
+        raise EdgecError(f"{command}: --min-metric {wrong[0]} is a {' / '.join(HIGHER_IS_BETTER[wrong[0]])} metric but the "
                          f"model's task is {task}")
 
 

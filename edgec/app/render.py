@@ -243,6 +243,12 @@ def eval_table(res: dict) -> Table:
             ("data", f"{res['data']} — split {res['split']}, n={res['n']}" + (f" ({res['split_note']})" if res.get("split_note") else ""))]
     for k, v in res["metrics"].items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    if res.get("task") == "causal_lm":
+        if "bits_per_byte" not in res["metrics"]:
+            rows.append(("bits_per_byte", "unavailable (the data has no text byte count for this split)"))
+        if res.get("tokens") is not None:
+            rows.append(("tokens scored", f"{res['tokens']:,}" + (f" ({res['text_bytes']:,.0f} text bytes)"
+                                                                  if res.get("text_bytes") else "")))
     rows.append(("params", human_count(res.get("params"))))
     if res.get("onnx_bytes"):
         rows.append(("ONNX size", human_bytes(res["onnx_bytes"])))
@@ -255,6 +261,28 @@ def eval_table(res: dict) -> Table:
     for note in res.get("notes") or []:
         rows.append(("note", note))
     return kv_table(f"eval {res['input']}", rows)
+
+
+def generate_view(res: dict) -> Table:
+    """``edgec generate``: the text (or ids), how it stopped, and prefill/decode tokens per second."""
+    def speed(part: dict) -> str:
+        rate = part.get("tokens_per_s")
+        return f"{rate:,.1f} tokens/s ({part['tokens']} tokens, {part['seconds'] * 1000:.1f} ms)" if rate else \
+            f"- ({part['tokens']} tokens)"
+
+    s = res["sampling"]
+    how = "greedy" if s["mode"] == "greedy" else "sampled: " + ", ".join(
+        f"{k} {s[k]}" for k in ("temperature", "top_k", "top_p", "seed") if s.get(k) is not None)
+    rows = []
+    if res.get("text") is not None:
+        rows.append(("text", res["text"]))
+    rows += [("generated ids", ",".join(map(str, res["generated_ids"])) or "-"),
+             ("prompt", f"{len(res['prompt_ids'])} tokens"),
+             ("stopped", res["stopped"] + (f" (eos id {res['eos_id']})" if res["stopped"] == "eos" else "")),
+             ("tokens", how),
+             (f"prefill ({res['runtime']}, {res['threads']} thread(s))", speed(res["prefill"])),
+             (f"decode ({res['runtime']}, batch 1)", speed(res["decode"]))]
+    return kv_table(f"generate {res['input']}", rows)
 
 
 class TrainProgress:
@@ -332,6 +360,10 @@ def finetune_table(res: dict) -> Table:
     rows += [(f"val {k}", f"{v:.4f}") for k, v in best.items() if isinstance(v, float)]
     rows += [("steps", res["steps"]), ("processes", res["world_size"]),
              ("time", f"{res['seconds']:.1f} s"), ("params", human_count(res["params"]))]
+    if res.get("fsdp"):
+        f = res["fsdp"]
+        rows.append(("fsdp", f"{human_bytes(max(f['params_per_rank_bytes']))} of {human_bytes(f['params_total_bytes'])} "
+                             f"parameters per process ({f['units']} shard units)"))
     rows += [("note", n) for n in res.get("notes") or []]
     return kv_table("finetune", rows)
 
@@ -556,7 +588,8 @@ def step_details(run: str, res: dict) -> str:
     if run == "export":
         return f"{human_bytes(res['file_bytes'])}, ORT parity {check_text(res['checks']['ort_parity'])}"
     if run == "eval":
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items() if k in ("accuracy", "uar", "ccc", "mae"))
+        shown = ("perplexity", "bits_per_byte", "accuracy", "uar", "ccc", "mae")
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items() if k in shown)
         lat = res.get("latency")
         return metrics + (f", {lat['median_ms']:.2f} ms (batch {lat['batch']})" if lat else "")
     if run == "inspect":

@@ -47,7 +47,7 @@ VALUE_RULES: dict[str, dict] = {
     "batch_size": {"ge": 1}, "batch": {"ge": 1}, "latency_batch": {"ge": 1}, "threads": {"ge": 1, "le": 1024},
     "lr": {"ge": 0}, "weight_decay": {"ge": 0}, "warmup": {"ge": 0, "lt": 1}, "grad_clip": {"ge": 0},
     "kd_weight": {"ge": 0, "le": 1}, "kd_temperature": {"gt": 0}, "off_weight": {"ge": 0},
-    "n_mels": {"ge": 1}, "frames": {"ge": 1}, "val_fraction": {"ge": 0, "lt": 1},
+    "n_mels": {"ge": 1}, "frames": {"ge": 1}, "val_fraction": {"ge": 0, "lt": 1}, "block_size": {"ge": 2},
     "latency_ms": {"gt": 0}, "latency_ratio": {"gt": 0, "le": 1}, "rho": {"ge": 0}, "max_retries": {"ge": 0},
     "margin": {"ge": 0, "lt": 1}, "min_density": {"gt": 0, "le": 1}, "expand": {"ge": 1}, "group_size": {"ge": 0},
     "opset": {"ge": MIN_OPSET}, "device": DEVICE, "pattern": PATTERN, "patterns": PATTERN,
@@ -57,6 +57,7 @@ VALUE_RULES: dict[str, dict] = {
     "ScaffoldTernaryOptions.method": {"choices": ("sttn", "dlt")},
     "ScaffoldTernaryOptions.activations": {"choices": ("none", "ternary")},
     "ScaffoldBinaryOptions.activations": {"choices": ("none", "binary")},
+    "max_new_tokens": {"ge": 1}, "temperature": {"ge": 0}, "top_k": {"ge": 1}, "top_p": {"gt": 0, "le": 1},
 }
 
 
@@ -95,11 +96,14 @@ class DataOptions:
     n_mels: int | None = _opt(None, "Log-mel bins for audio data (default: the model's).")
     frames: int | None = _opt(None, "Frames per clip for audio data (default 200).")
     val_fraction: float | None = _opt(None, "Held-out fraction when the data has no val split.")
+    block_size: int | None = _opt(None, "Tokens per causal-LM training block for text data (default 128, at most "
+                                        "the model's longest sequence).")
 
     def to_kwargs(self) -> dict:
         """The keyword arguments for ``load_data`` (only those given, in field order)."""
         return {k: v for k, v in (("n_mels", self.n_mels), ("frames", self.frames),
-                                  ("val_fraction", self.val_fraction)) if v is not None}
+                                  ("val_fraction", self.val_fraction), ("block_size", self.block_size))
+                if v is not None}
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,18 @@ class FinetuneOptions(SourceOptions):
     resume_file: str | None = _opt(None, "Default: <output>.resume.")
     keep_resume: bool = _opt(False, "Keep the resume file after success.")
     device: str | None = _opt(None, "auto (default), cpu, cuda, cuda:N.")
+    fsdp: bool = _opt(False, "Under torchrun: shard parameters, gradients and optimizer states across the "
+                            "processes (torch FSDP) instead of replicating them (DDP).")
     n_mels: int | None = _opt(None, "Log-mel bins for audio data (default: the model's).")
     frames: int | None = _opt(None, "Frames per clip for audio data (default 200).")
     val_fraction: float | None = _opt(None, "Held-out fraction when the data has no val split.")
+    block_size: int | None = _opt(None, "Tokens per causal-LM training block for text data (default 128, at most "
+                                        "the model's longest sequence).")
 
     @property
     def data_options(self) -> DataOptions:
-        return DataOptions(n_mels=self.n_mels, frames=self.frames, val_fraction=self.val_fraction)
+        return DataOptions(n_mels=self.n_mels, frames=self.frames, val_fraction=self.val_fraction,
+                           block_size=self.block_size)
 
     def distill_mode(self) -> str:
         """``distill`` resolved: None/"auto" → "logits" with a teacher, else "none"."""
@@ -243,7 +252,8 @@ _EXCLUDE_HELP = "Glob over layer names to skip (repeatable)."
 
 
 def _keep_first_last():
-    return _opt(True, "Keep the first layer and the classifier in full precision.",
+    return _opt(True, "Keep the first layer (when it reads the model input; after an embedding every Linear is "
+                      "quantized) and the last linear layer (classifier, LM head) in full precision.",
                 cli=("--keep-first-last/--no-keep-first-last",))
 
 
@@ -329,6 +339,9 @@ class ExportOptions(SourceOptions):
     data: str | None = _opt(None, "Data the metric gates score the exported file on (its test, else val split; "
                                   "also fills the model card's metrics and class labels).")
     threads: int = _opt(1, "onnxruntime threads for the latency gate and for timing INT2 forms.")
+    kv_cache: bool = _opt(False, "One prefill + decode graph with past/present key-value inputs and outputs "
+                                 "(onnxruntime-genai / Optimum layout) for `edgec generate`; needs a model with "
+                                 "forward_cached (zoo llama).")
     min_metric: list[str] | dict | None = _opt(None, _MIN_METRIC)
     max_metric_drop: float | None = _opt(None, _MAX_DROP)
     max_latency_ms: float | None = _opt(None, _MAX_LATENCY)
@@ -347,6 +360,8 @@ class EvalOptions(SourceOptions):
     no_latency: bool = _opt(False, "Skip the latency measurement.")
     n_mels: int | None = _opt(None, "Log-mel bins (default: the model's).")
     frames: int | None = _opt(None, "Frames per clip (default: as fine-tuned, else 200).")
+    block_size: int | None = _opt(None, "Tokens per block for text data (default: as fine-tuned, else 128, at "
+                                        "most the model's longest sequence).")
 
 
 @dataclass(frozen=True)
@@ -367,3 +382,27 @@ class InspectOptions(SourceOptions):
     """``edgec inspect FILE``."""
 
     layers: bool = _opt(False, "List every weight layer with its bit width.", recipe=False)
+
+
+@dataclass(frozen=True)
+class GenerateOptions(SourceOptions):
+    """``edgec generate MODEL``: the prompt, the stopping rule and the token selection (edgec.generation)."""
+
+    prompt: str | None = _opt(None, "Prompt text (needs --tokenizer).")
+    prompt_ids: str | None = _opt(None, "Prompt as comma-separated token ids, e.g. 1,2,3 (a model without a "
+                                        "tokenizer).")
+    tokenizer: str | None = _opt(None, "tokenizer.json (Hugging Face tokenizers) for --prompt and the output text.")
+    max_new_tokens: int = _opt(32, "Most tokens to generate (fewer at the end-of-text token or the context).")
+    temperature: float | None = _opt(None, "Sample at this temperature (default: greedy; 0 = greedy).")
+    top_k: int | None = _opt(None, "Sample among the k most likely tokens only.")
+    top_p: float | None = _opt(None, "Sample among the most likely tokens whose probability reaches p (nucleus).")
+    seed: int = _opt(0, "Seed of the sampling (the same seed gives the same tokens).")
+    threads: int = _opt(1, "Threads (onnxruntime intra-op, or torch).")
+
+    def validate(self) -> None:
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise EdgecError("give exactly one of --prompt TEXT (with --tokenizer) and --prompt-ids 1,2,3")
+        if self.prompt is not None and self.tokenizer is None:
+            raise EdgecError("--prompt needs --tokenizer tokenizer.json (or give --prompt-ids 1,2,3)")
+        if not self.temperature and (self.top_k is not None or self.top_p is not None):
+            raise EdgecError("--top-k / --top-p apply to sampling: give --temperature > 0 as well")

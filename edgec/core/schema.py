@@ -198,6 +198,7 @@ class _LowBitParams(_Closed):
     include: Globs = ["*"]
     exclude: Globs = []
     keep_first_last: StrictBool = True
+    first_layer: Literal["input", "first-linear"] = "first-linear"  # absent in v1 records (edgec.passes.lowbit_common)
 
 
 class SttnParams(_LowBitParams):
@@ -297,6 +298,7 @@ class DataOptionsRecord(_Open):
     n_mels: Annotated[StrictInt, Field(ge=1, le=MAX_N_MELS)] | None = None
     frames: Annotated[StrictInt, Field(ge=1, le=MAX_FRAMES)] | None = None
     val_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
+    block_size: Annotated[StrictInt, Field(ge=2)] | None = None  # text: tokens per causal-LM block
 
 
 class ProvenanceRecord(_Open):

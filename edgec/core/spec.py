@@ -114,6 +114,14 @@ DTYPES = {"float32": "float32", "float": "float32", "int64": "int64", "long": "i
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*$")
 
 
+def token_dims(max_seq: int) -> tuple[Dim, Dim]:
+    """``(batch, seq)`` dims of a token model whose positions stop at ``max_seq``: examples stay >= 2 (torch.export
+    specialises sizes 0/1) and within the position table, the alternative shape differs from the example."""
+    example = max(2, min(32, max_seq))
+    alt = max(2, min(19, max_seq - 1)) if example != 19 else 17
+    return Dim("batch", example=2, alt=3, min=1), Dim("seq", example=example, alt=alt, min=1, max=max_seq)
+
+
 def parse_input_shape(text: str) -> tuple[str | None, tuple, str]:
     """``NAME=d1xd2x...[:dtype]`` → ``(name, dims, dtype)``; ``name`` is None when left out. Each dim is an
     int (static), a name (dynamic: ``B``) or ``(name, example)`` (``T=64``). Dims are separated by ``x``, or by

@@ -1,11 +1,14 @@
-"""Dataset readers: tensor files, wav + labels.csv folders, Python entry points.
+"""Dataset readers: tensor files, wav + labels.csv folders, text folders, Python entry points.
 
     bundle = load_data("train/")                       # audio folder with labels.csv
     bundle = load_data("digits.npz")                   # .pt / .npz / .safetensors
+    bundle = load_data("corpus/", block_size=128)      # train.txt [val.txt test.txt] + tokenizer.json
+    bundle = load_data("tokens.safetensors")           # token ids: input_ids_train [input_ids_val ...]
     bundle = load_data("mypkg.data:make_datasets")     # Python entry point
     loader = DataLoader(bundle.split("train"), batch_size=32, shuffle=True)  # default collate stacks
 
-Items are ``(input_tensor, target)``: int64 scalar targets for classification, float32 for regression.
+Items are ``(input_tensor, target)``: int64 scalar targets for classification, float32 for regression, and
+for causal LMs (task "causal_lm", edgec.data.text) int64 [T] token ids and the next tokens.
 All problems raise ``EdgecError`` with one line naming the file (and the csv row).
 """
 from __future__ import annotations
@@ -17,7 +20,8 @@ from edgec.data.audio import load_audio_folder
 from edgec.data.bundle import MAX_CLASSES, SPLIT_NAMES, DataBundle, TensorPairDataset, check_fits
 from edgec.data.entrypoint import is_entry_point, load_entry_point
 from edgec.data.features import compute_features, feature_params, log_mel
-from edgec.data.tensors import TENSOR_SUFFIXES, load_tensor_file
+from edgec.data.tensors import TENSOR_SUFFIXES, load_tensor_file, read_tensor_file
+from edgec.data.text import TEXT_FILES, is_text_folder, is_token_data, load_text_folder, load_token_file, max_sequence
 
 __all__ = [
     "DataBundle",
@@ -29,18 +33,23 @@ __all__ = [
     "feature_params",
     "load_data",
     "log_mel",
+    "max_sequence",
     "source_kind",
 ]
 
 
 def source_kind(source: str) -> str:
-    """"audio" | "tensors" | "entry" for a source string (raises EdgecError if it names nothing)."""
+    """"audio" | "text" | "tensors" | "entry" for a source string (raises EdgecError if it names nothing). A
+    folder (or its file) with labels.csv is audio, one with train.txt and no labels.csv text; a tensor file may
+    hold classification/regression tensors or token ids (decided by its keys when loaded)."""
     src = os.fspath(source)
     if os.path.isdir(src):
-        return "audio"
+        return "text" if is_text_folder(src) else "audio"
     if os.path.isfile(src):
         if os.path.basename(src) == "labels.csv":
             return "audio"
+        if os.path.basename(src) == TEXT_FILES["train"] and is_text_folder(os.path.dirname(src) or "."):
+            return "text"
         if src.lower().endswith(TENSOR_SUFFIXES):
             return "tensors"
         raise EdgecError(
@@ -63,11 +72,16 @@ def load_data(
     seed: int = 0,
     cache_dir: str | None = None,
     normalize: str = "utterance",
+    block_size: int | None = None,
+    max_block_size: int | None = None,
 ) -> DataBundle:
-    """Load a dataset from a folder (labels.csv + wavs), a tensor file, or `package.module:function`.
+    """Load a dataset from a folder (labels.csv + wavs, or train.txt + tokenizer.json), a tensor file, or
+    `package.module:function`.
 
-    sample_rate/n_mels/frames/normalize/cache_dir apply to audio folders only; val_fraction and seed
-    decide the val split when the source has none (speaker-disjoint for audio with speakers).
+    sample_rate/n_mels/frames/normalize apply to audio folders only, cache_dir to audio and text folders;
+    val_fraction and seed decide the val split when the source has none (speaker-disjoint for audio with
+    speakers; the contiguous tail of the train stream for text). block_size (tokens per causal-LM item; None:
+    128, at most max_block_size, the model's longest sequence when the caller knows it) applies to text only.
     """
     source = os.fspath(source)
     if not 0.0 <= float(val_fraction) < 1.0:
@@ -85,6 +99,14 @@ def load_data(
             cache_dir=cache_dir,
             normalize=normalize,
         )
+    if kind == "text":
+        folder = (os.path.dirname(source) or ".") if os.path.isfile(source) else source
+        return load_text_folder(folder, block_size=block_size, max_block_size=max_block_size,
+                                val_fraction=val_fraction, cache_dir=cache_dir)
     if kind == "tensors":
-        return load_tensor_file(source, val_fraction=val_fraction, seed=seed)
+        loaded = read_tensor_file(source)
+        if is_token_data(loaded[0]):
+            return load_token_file(source, block_size=block_size, max_block_size=max_block_size,
+                                   val_fraction=val_fraction, loaded=loaded)
+        return load_tensor_file(source, val_fraction=val_fraction, seed=seed, loaded=loaded)
     return load_entry_point(source, val_fraction=val_fraction, seed=seed)

@@ -52,7 +52,8 @@ class TensorPairDataset(Dataset):
 
 
 class TargetCastDataset(Dataset):
-    """Wraps a user dataset so targets come out as int64 (classification) or float32 (regression) tensors."""
+    """Wraps a user dataset so targets come out as int64 (classification) or float32 (regression) tensors, and
+    for causal LMs inputs and targets both as int64 token ids."""
 
     def __init__(self, base: Dataset, task: str):
         self.base = base
@@ -64,6 +65,8 @@ class TargetCastDataset(Dataset):
     def __getitem__(self, i):
         x, y = self.base[i]
         x = torch.as_tensor(x)
+        if self.task == "causal_lm":
+            return x.to(torch.int64), torch.as_tensor(y).to(torch.int64)
         dtype = torch.int64 if self.task == "classification" else torch.float32
         return x, torch.as_tensor(y).to(dtype)
 
@@ -97,8 +100,8 @@ def split_dataset(ds: Dataset, val_fraction: float, seed: int) -> dict[str, Data
 class DataBundle:
     """What `load_data` returns.
 
-    task: "classification" | "regression"; classes: class names (classification) else None;
-    num_classes: len(classes) for classification, None for regression (see `output_dim`);
+    task: "classification" | "regression" | "causal_lm"; classes: class names (classification) else None;
+    num_classes: len(classes) for classification, else None (see `output_dim`);
     splits: {"train"|"val"|"test": Dataset of (input_tensor, target)}; digest: sha256 hex of the data
     (file contents + feature params + split params); meta: plain-data details for provenance.
     """
@@ -128,9 +131,12 @@ class DataBundle:
 
     @property
     def output_dim(self) -> int:
-        """Width of the model output: num_classes, or the target width for regression."""
+        """Width of the model output: num_classes, the vocabulary for causal LMs, or the target width for
+        regression."""
         if self.task == "classification":
             return int(self.num_classes)
+        if self.task == "causal_lm":
+            return int(self.meta["vocab_size"])
         return int(self.meta.get("target_dim", 1))
 
     @property
@@ -155,6 +161,12 @@ class DataBundle:
             names = self.classes or []
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             task = f"classification, {self.num_classes} classes [{shown}]"
+        elif self.task == "causal_lm":
+            task = f"causal language modelling, vocabulary {self.meta.get('vocab_size', '?')}, blocks of " \
+                   f"{self.meta.get('block_size', '?')} tokens"
+            tokens, nbytes = self.meta.get("tokens", {}), self.meta.get("bytes", {})
+            sizes = ", ".join(f"{k} {len(v)} blocks ({tokens.get(k, '?'):,} tokens"
+                              + (f", {nbytes[k]:,} bytes" if k in nbytes else "") + ")" for k, v in self.splits.items())
         else:
             task = f"regression, {self.output_dim} target(s)"
         lines = [
@@ -185,6 +197,9 @@ def check_fits(bundle: DataBundle, spec, who: str = "the model") -> None:
     for axis, (got, dim) in enumerate(zip(shape, dims), start=1):
         if isinstance(dim, int) and got != dim:
             raise EdgecError(f"{where} (axis {axis}: the data has {got}, the model needs {dim})")
+        if not isinstance(dim, int) and bundle.task == "causal_lm" and got > dim.max:
+            raise EdgecError(f"data {bundle.source} has blocks of {got} tokens but {who} takes at most {dim.max} "
+                             f"positions (its max_position_embeddings); use a block size of at most {dim.max}")
         if not isinstance(dim, int) and not dim.min <= got <= dim.max:
             raise EdgecError(f"{where} (axis {axis} '{dim.name}' must be in [{dim.min}, {dim.max}], the data has {got})")
     dtype = bundle.input_dtype

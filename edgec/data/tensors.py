@@ -54,7 +54,7 @@ def _read_pt(path: str, raw: bytes) -> tuple[dict, list | None]:
     except Exception as e:  # truncated zip, empty file, ...
         raise EdgecError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(obj, dict):
-        raise EdgecError(f"{path}: expected a dict with 'inputs' and 'targets', found a {type(obj).__name__}")
+        raise EdgecError(f"{path}: expected a dict with 'inputs' and 'targets' (or 'input_ids_train'), found a {type(obj).__name__}")
     classes = obj.get("classes")
     tensors = {}
     for k, v in obj.items():
@@ -190,7 +190,9 @@ def _split_tensors(path: str, tensors: dict) -> dict[str, tuple[torch.Tensor, to
     return out
 
 
-def load_tensor_file(path: str, *, val_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+def read_tensor_file(path: str) -> tuple[dict, list | None, bytes]:
+    """``(tensors by key, the 'classes' entry or None, the file's bytes)`` of a .pt (weights-only), .npz (no
+    pickles) or .safetensors file; values are checked by the loader that uses them."""
     if not os.path.isfile(path):
         raise EdgecError(f"{path}: no such data file")
     suffix = os.path.splitext(path)[1].lower()
@@ -204,6 +206,13 @@ def load_tensor_file(path: str, *, val_fraction: float = 0.2, seed: int = 0) -> 
         tensors, classes = _read_safetensors(path, raw)
     else:
         raise EdgecError(f"{path}: unknown tensor file type '{suffix}' (expected {', '.join(TENSOR_SUFFIXES)})")
+    return tensors, classes, raw
+
+
+def load_tensor_file(path: str, *, val_fraction: float = 0.2, seed: int = 0, loaded: tuple | None = None) -> DataBundle:
+    """The bundle of a tensor file; ``loaded``: what ``read_tensor_file(path)`` returned (not read again)."""
+    tensors, classes, raw = loaded if loaded is not None else read_tensor_file(path)
+    suffix = os.path.splitext(path)[1].lower()
     classes = _check_classes(path, classes)
     parts = _split_tensors(path, tensors)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgec.core.errors import EdgecError
-from edgec.core.spec import Dim, InputSpec, TensorSpec
+from edgec.core.spec import InputSpec, TensorSpec, token_dims
 
 # HF "gelu" is the exact erf GELU; "gelu_new" (a Python tanh formula) and "gelu_pytorch_tanh" are the
 # tanh approximation, which equals nn.GELU(approximate="tanh") to float rounding.
@@ -216,12 +216,7 @@ class Bert(nn.Module):
         }
 
     def input_spec(self) -> InputSpec:
-        max_seq = self.max_position_embeddings
-        # Examples stay >= 2 (torch.export specialises sizes 0/1) and within the position table.
-        example = max(2, min(32, max_seq))
-        alt = max(2, min(19, max_seq - 1)) if example != 19 else 17
-        batch = Dim("batch", example=2, alt=3, min=1)
-        seq = Dim("seq", example=example, alt=alt, min=1, max=max_seq)
+        batch, seq = token_dims(self.max_position_embeddings)
         inputs = (
             TensorSpec("input_ids", (batch, seq), dtype="int64", high=self.vocab_size),
             TensorSpec("attention_mask", (batch, seq), dtype="int64", ones=True),

@@ -1,20 +1,19 @@
 """Import Hugging Face BERT checkpoints (``config.json`` + ``model.safetensors``) into the zoo ``bert``.
 
-Reads the files directly (no ``transformers`` import) and only safetensors, since ``pytorch_model.bin`` is a
-pickle. The zoo ``Bert`` mirrors HF's module names, so the key mapping is near-identity. Mapping rules and
-the decisions about heads, pooler and defaults: see docs/architecture.md#data-and-imports.
+Reads the files directly (no ``transformers`` import; file reading shared with the Llama importer in
+``hf_common``) and only safetensors, since ``pytorch_model.bin`` is a pickle. The zoo ``Bert`` mirrors HF's
+module names, so the key mapping is near-identity. Mapping rules and the decisions about heads, pooler and
+defaults: see docs/architecture.md#data-and-imports.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from edgec.core.errors import EdgecError
 from edgec.models.bert import ACTIVATIONS, Bert
+from edgec.models.hf_common import architectures, check_state, listing, load_safetensors, read_config_json
 
 # transformers.BertConfig defaults, used for keys a config.json leaves out.
 HF_DEFAULTS = {
@@ -33,14 +32,7 @@ SEQ_CLS_ARCH = "BertForSequenceClassification"
 
 def read_hf_config(path: Path) -> dict:
     """config.json -> zoo ``bert`` config (without num_labels / add_pooler, which come from the tensors)."""
-    if not path.is_file():
-        raise EdgecError(f"{path}: config.json not found (expected a Hugging Face model folder)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgecError(f"{path}: invalid JSON: {exc}") from None
-    if not isinstance(hf, dict):
-        raise EdgecError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    hf = read_config_json(path)
     model_type = hf.get("model_type")
     if model_type != "bert":
         raise EdgecError(f"{path}: model_type is {model_type!r}, expected 'bert'")
@@ -74,36 +66,8 @@ def read_hf_config(path: Path) -> dict:
     if config["hidden_size"] % config["num_attention_heads"]:
         raise EdgecError(f"{path}: hidden_size {config['hidden_size']} is not a multiple of "
                          f"num_attention_heads {config['num_attention_heads']}")
-    config["_architectures"] = hf.get("architectures") or []
+    config["_architectures"] = architectures(hf, path)
     return config
-
-
-def _load_safetensors(folder: Path) -> tuple[dict, Path]:
-    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [folder / name for name in sorted(set(weight_map.values()))]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise EdgecError(f"{index}: invalid safetensors index ({type(exc).__name__}: {exc})") from None
-        for f in files:
-            if not f.is_file():
-                raise EdgecError(f"{index}: lists shard {f.name}, which is missing")
-    else:
-        pickles = [p.name for p in (folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json") if p.exists()]
-        hint = (f"; found {pickles[0]}, but pytorch_model.bin pickles are not read for safety "
-                "(convert it to safetensors)") if pickles else ""
-        raise EdgecError(f"{single}: not found{hint}")
-    tensors = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f), device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise EdgecError(f"{f}: cannot read safetensors file: {exc}") from None
-    return tensors, files[0] if len(files) == 1 else index
 
 
 def map_hf_keys(tensors: dict, source: str) -> tuple[dict, bool]:
@@ -130,14 +94,8 @@ def map_hf_keys(tensors: dict, source: str) -> tuple[dict, bool]:
             raise EdgecError(f"{source}: tensor {name!r} maps to {key!r}, which another tensor already gave")
         state[key] = tensor
     if unexpected:
-        raise EdgecError(f"{source}: unexpected tensor names for BERT: {_listing(unexpected)}")
+        raise EdgecError(f"{source}: unexpected tensor names for BERT: {listing(unexpected)}")
     return state, has_classifier
-
-
-def _listing(names, limit: int = 5) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def read_hf_bert(folder) -> tuple[dict, dict]:
@@ -151,14 +109,14 @@ def read_hf_bert(folder) -> tuple[dict, dict]:
     if not folder.is_dir():
         raise EdgecError(f"{folder}: Hugging Face model folder not found")
     config = read_hf_config(folder / "config.json")
-    architectures = config.pop("_architectures")
-    tensors, source = _load_safetensors(folder)
+    archs = config.pop("_architectures")
+    tensors, source = load_safetensors(folder)
     state, has_classifier = map_hf_keys(tensors, str(source))
 
     if has_classifier:
-        if architectures and SEQ_CLS_ARCH not in architectures:
+        if archs and SEQ_CLS_ARCH not in archs:
             # Token classification / multiple choice also use "classifier.*" but a different head.
-            raise EdgecError(f"{folder / 'config.json'}: architectures {architectures} has a 'classifier' head "
+            raise EdgecError(f"{folder / 'config.json'}: architectures {archs} has a 'classifier' head "
                              f"that is not {SEQ_CLS_ARCH}; only sequence classification is supported")
         weight = state.get("classifier.weight")
         if weight is None or weight.dim() != 2:
@@ -174,21 +132,7 @@ def read_hf_bert(folder) -> tuple[dict, dict]:
     # Build on the meta device: just the expected names and shapes, no memory or init time.
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Bert(**config).state_dict().items()}
-    missing = set(expected) - set(state)
-    if missing:
-        raise EdgecError(f"{source}: missing tensors: {_listing(missing)}")
-    extra = set(state) - set(expected)
-    if extra:
-        raise EdgecError(f"{source}: unexpected tensor names for BERT with "
-                         f"{config['num_hidden_layers']} layers: {_listing(extra)}")
-    for key in sorted(expected):
-        got = tuple(state[key].shape)
-        if got != expected[key]:
-            raise EdgecError(f"{source}: tensor {key!r} has shape {list(got)}, config.json implies {list(expected[key])}")
-        if state[key].is_floating_point():
-            state[key] = state[key].to(torch.float32)
-        else:
-            raise EdgecError(f"{source}: tensor {key!r} has dtype {state[key].dtype}, expected floating point")
+    state = check_state(state, expected, source, f"BERT with {config['num_hidden_layers']} layers")
     return config, state
 
 

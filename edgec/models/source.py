@@ -30,6 +30,7 @@ ZOO: dict[str, str] = {
     "resnet": "edgec.models.resnet:ResNet",
     "mobilenet": "edgec.models.mobilenet:MobileNet",
     "bert": "edgec.models.bert:Bert",
+    "llama": "edgec.models.llama:Llama",
 }
 
 

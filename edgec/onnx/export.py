@@ -63,7 +63,7 @@ def refuse_scaffolds(model: Model) -> None:
 @contextlib.contextmanager
 def quiet():
     """The dynamo exporter prints progress and warnings to stdout/logging; keep the CLI output ours."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir", "torch")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -88,16 +88,23 @@ def to_onnx(model: Model, opset: int = DEFAULT_OPSET, rewrite=None):
     gm = shared_copy(model.gm, frozen=True).eval()
     dynamic = [{axis: torch.export.Dim(d.name, min=d.min, max=d.max) for axis, d in dims.items()} or None
                for dims in spec.dynamic_dims()]
-    args = spec.sample(seed=0)
+    return dynamo_export(gm, spec.sample(seed=0), tuple(dynamic), [t.name for t in spec.inputs], list(spec.outputs),
+                         opset, rewrite)
+
+
+def dynamo_export(module, args, dynamic_shapes, input_names, output_names, opset: int, rewrite=None,
+                  what: str = "ONNX export"):
+    """torch.onnx's dynamo export of ``module`` on ``args`` -> ``onnx.ModelProto`` with metadata stripped;
+    ``rewrite`` is applied to the ``onnx_ir.Model`` before the optimizer runs. Failures are one line."""
     try:
         with quiet():
             program = torch.onnx.export(
-                gm, args, dynamo=True, opset_version=opset, dynamic_shapes=tuple(dynamic),
-                input_names=[t.name for t in spec.inputs], output_names=list(spec.outputs),
+                module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                input_names=input_names, output_names=output_names,
                 optimize=rewrite is None, verbose=False, external_data=False)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise EdgecError(f"ONNX export failed: {msg}") from exc
+        raise EdgecError(f"{what} failed: {msg}") from exc
     if rewrite is not None:
         rewrite(program.model)
         with quiet():
@@ -244,8 +251,13 @@ def _exported_proto(model: Model, mode: str, opset: int, choice: dict, overrides
                                             precision=choice["precision"], config=choice["config"],
                                             overrides=overrides, progress=choice.get("say"))
 
-    proto = to_onnx(model, opset, rewrite=rewrite)
-    report, measurements, storage = state["result"]
+    return finish_int2(to_onnx(model, opset, rewrite=rewrite), state["result"])
+
+
+def finish_int2(proto, result: tuple):
+    """After an export whose rewrite was ``lowbit_rewrite`` (its ``result``): check the INT2 storage, turn the
+    cast-form layers' DequantizeLinear into Cast, raise the IR version. -> (proto, report, measurements)."""
+    report, measurements, storage = result
     lb.check_storage(proto, storage)
     want = lb.cast_outputs(storage)
     if dq_to_cast(proto, want) != len(want):

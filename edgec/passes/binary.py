@@ -32,15 +32,15 @@ class BinaryScaffold(LowBitScaffoldPass):
     """Make every selected Conv/Linear a binary layer (sign·α) whose latent weights also run a real path."""
 
     name = "scaffold.binary"
-    version = 1
+    version = 2  # v2: first_layer (v1 records replay with the first-linear rule)
     scaffold_fold = "fold.binary"
     kind = "binary"
     label = "binary"
     activations = ("none", "binary")
 
     def __init__(self, activations: str = "none", latent_weight=(0.5, 0.5), include=("*",), exclude=(),
-                 keep_first_last: bool = True, clip: float = 1.0):
-        params = self.common_params(include, exclude, keep_first_last, activations)
+                 keep_first_last: bool = True, clip: float = 1.0, first_layer: str | None = None):
+        params = self.common_params(include, exclude, keep_first_last, activations, first_layer)
         params["latent_weight"] = _latent_weight(latent_weight, self.name)
         params["clip"] = as_float(clip, self.name, "clip", minimum=0.0, strict=True)
         Pass.__init__(self, **params)

@@ -3,7 +3,15 @@ fold pass templates.
 
 A scaffold replaces each chosen Conv/Linear at the same qualified name by a ``LatentLayer``
 (``edgec.layers.latent``); a fold replaces every scaffold of its kind by the LowBit deploy layer it computes
-in eval mode (exact, verified at 1e-5). Selection rules: see docs/methods.md#sttn.
+in eval mode (exact, verified at 1e-5). Selection rules: see docs/methods.md#shared-by-the-low-bit-scaffolds.
+
+``keep_first_last`` keeps the *first layer* full precision only when it reads the model input directly (rule
+``first_layer="input"``): the first Conv/Linear in graph order is kept when no weight-holding module (an
+embedding table, a recurrent layer, another weight layer) or weight parameter lies on a path from a model
+input to it. In a token model (decoder LM, BERT) the first layer is the embedding lookup, already fp32, so
+every Linear of the blocks is quantized; the last linear layer (classifier, LM head) stays fp32 unless
+``keep_first_last=False``. Records written before the rule existed carry no ``first_layer`` and replay with
+the rule they were made with, ``"first-linear"`` (the first Conv/Linear in graph order, whatever precedes it).
 """
 from __future__ import annotations
 
@@ -20,10 +28,21 @@ from edgec.core.ops import EQUIVALENCE_TOLERANCE as TOLERANCE
 from edgec.core.pass_manager import Pass, PassResult, PostconditionError, PreconditionError, describe_skips, skip
 from edgec.layers.latent import LatentLayer
 from edgec.layers.lowbit import LowBitLayer, LowBitLinear
-from edgec.passes.weights import FUNCTIONAL_REASON, first_calls, functional_weights, opaque_reason, opaque_weight_layers
+from edgec.passes.weights import (
+    FUNCTIONAL_REASON,
+    first_calls,
+    functional_weights,
+    has_matrix_weight,
+    opaque_reason,
+    opaque_weight_layers,
+)
 
 SELECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOWBIT = "already low-bit"  # weight_layers' reason for a scaffold or deploy layer: done, so never a skip
+# What ``keep_first_last`` calls the first layer: "input" (kept only when it reads the model input directly) or
+# "first-linear" (the first Conv/Linear in graph order: the rule of records written without ``first_layer``).
+FIRST_LAYER_RULES = ("input", "first-linear")
+LEGACY_FIRST_LAYER = "first-linear"
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -76,11 +95,20 @@ def _tied_modules(gm: nn.Module) -> dict[str, str]:
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), []).append(mod_name)
     tied: dict[str, str] = {}
+    modules = dict(gm.named_modules())
     for names in owners.values():
         names = list(dict.fromkeys(names))
         for n in names if len(names) > 1 else ():
-            others = ", ".join(o or "<root>" for o in names if o != n)
-            tied.setdefault(n, f"weight shared with {others} (tied parameters); kept fp32")
+            others = [o for o in names if o != n]
+            tables = [o for o in others if isinstance(modules.get(o), (nn.Embedding, nn.EmbeddingBag))]
+            if tables and isinstance(modules.get(n), SELECTABLE):
+                # a tied LM head: quantizing it would need the embedding table quantized with it
+                tied.setdefault(n, f"weight tied to the embedding table {tables[0]} (tied word embeddings): the "
+                                   "head cannot be quantized without the embedding, which stays fp32; kept fp32 "
+                                   "(untie them to quantize the head)")
+            else:
+                shown = ", ".join(o or "<root>" for o in others)
+                tied.setdefault(n, f"weight shared with {shown} (tied parameters); kept fp32")
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             owner = str(node.target).rpartition(".")[0]
@@ -108,15 +136,60 @@ def _is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, LowBitLinear)) or (isinstance(m, LatentLayer) and m.op == "linear")
 
 
-def _first_last(layers: list) -> dict[str, str]:
-    """The layers ``keep_first_last`` keeps full precision: the first weight layer and the last linear one."""
+def weighted_ancestors(gm: nn.Module, name: str) -> list[str]:
+    """The weight holders on the paths from the model inputs to the first call of module ``name``, in graph
+    order: modules with a matrix-like weight (embedding tables, recurrent layers, Conv/Linear and low-bit
+    layers) and parameters of 2 or more dims read directly by the graph. Empty: ``name`` reads the input
+    through weight-free ops only."""
+    modules = dict(gm.named_modules())
+    params = dict(gm.named_parameters())
+    target = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    if target is None:
+        return []
+    seen, stack, found = set(), list(target.all_input_nodes), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        key = str(node.target)
+        layer = node.op == "call_module" and key in modules and has_matrix_weight(modules[key])
+        if layer or (node.op == "get_attr" and key in params and params[key].dim() >= 2):
+            found.add(node)
+        stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [str(n.target) for n in sorted(found, key=order.__getitem__)]
+
+
+def _first_last(model: Model, layers: list, rule: str) -> tuple[dict[str, str], dict]:
+    """The layers ``keep_first_last`` keeps full precision — the first weight layer (under ``rule``, see the
+    module docstring) and the last linear one — and a note on the first layer for the selection check."""
     kept: dict[str, str] = {}
+    note: dict = {}
     if layers:
-        kept[layers[0][0]] = "first layer kept fp32 (--keep-first-last)"
+        first = layers[0][0]
+        before = weighted_ancestors(model.gm, first) if rule == "input" else []
+        note = {"rule": rule, "layer": first, "kept": not before}
+        if before:
+            note["reason"] = (f"{before[0]} ({_kind(model.gm, before[0])}) runs before it on the path from the "
+                              "model input, so it is not the input layer: quantized (the input-facing layer is "
+                              "already full precision)")
+        else:
+            kept[first] = "first layer kept fp32 (--keep-first-last)"
         linear = [n for n, m, _ in layers if _is_linear_like(m)]
         if linear and linear[-1] not in kept:
             kept[linear[-1]] = "last linear layer kept fp32 (--keep-first-last)"
-    return kept
+    return kept, note
+
+
+def _kind(gm: nn.Module, name: str) -> str:
+    """``nn.Embedding`` for a torch module, the class name otherwise, ``parameter`` for a bare parameter."""
+    try:
+        m = gm.get_submodule(name)
+    except AttributeError:
+        return "parameter"
+    cls = type(m)
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
 
 
 def _glob_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
@@ -137,6 +210,7 @@ class Selection:
     chosen: list[tuple[str, nn.Module]]
     kept: list[str]
     skipped: list[dict]
+    first_layer: dict  # keep_first_last's view of the first weight layer: {rule, layer, kept[, reason]}
 
 
 def _unreachable(model: Model, names: set[str]) -> list[tuple[str, str]]:
@@ -148,9 +222,11 @@ def _unreachable(model: Model, names: set[str]) -> list[tuple[str, str]]:
 
 
 def select_layers(model: Model, params: dict, pass_name: str) -> Selection:
-    """The layers to scaffold in graph order, those kept full precision, and the skipped ones with reasons."""
+    """The layers to scaffold in graph order, those kept full precision, and the skipped ones with reasons.
+    ``params["first_layer"]`` (absent: the legacy rule) says what the first layer is (module docstring)."""
     layers = weight_layers(model)
-    kept = _first_last(layers) if params["keep_first_last"] else {}
+    rule = params.get("first_layer", LEGACY_FIRST_LAYER)
+    kept, note = _first_last(model, layers, rule) if params["keep_first_last"] else ({}, {})
     include, exclude = params["include"], params["exclude"]
     chosen, reasons = [], {}
     for name, m, why in layers:
@@ -170,7 +246,7 @@ def select_layers(model: Model, params: dict, pass_name: str) -> Selection:
                sorted(reasons.items(), key=lambda kv: order.get(kv[0], len(order)))]
     if not chosen:
         _refuse_empty(model, pass_name, layers, list(kept), include, exclude, skipped)
-    return Selection(chosen, list(kept), skipped)
+    return Selection(chosen, list(kept), skipped, note)
 
 
 def _refuse_empty(model, pass_name, layers, kept, include, exclude, skipped) -> None:
@@ -201,11 +277,23 @@ class LowBitScaffoldPass(Pass):
     label = ""  # for summaries: "STTN", "DLT", "binary"
     activations: tuple = ("none",)
 
-    def common_params(self, include, exclude, keep_first_last, activations) -> dict:
+    def common_params(self, include, exclude, keep_first_last, activations, first_layer=None) -> dict:
+        """The selection parameters. ``first_layer`` None: "input" for a new scaffold, while a replayed record
+        without it (written before the rule existed) keeps the rule it was made with (see :meth:`rule_params`)."""
+        self.first_layer_given = first_layer is not None
         return {"include": as_globs(include, self.name, "include"),
                 "exclude": as_globs(exclude, self.name, "exclude"),
                 "keep_first_last": as_bool(keep_first_last, self.name, "keep_first_last"),
+                "first_layer": as_choice("input" if first_layer is None else first_layer, FIRST_LAYER_RULES,
+                                         self.name, "first_layer"),
                 "activations": as_choice(activations, self.activations, self.name, "activations")}
+
+    def rule_params(self, replay: bool) -> dict:
+        """The parameters selection runs with: a replayed record that does not name ``first_layer`` used the
+        legacy rule."""
+        if replay and not getattr(self, "first_layer_given", True):
+            return {**self.params, "first_layer": LEGACY_FIRST_LAYER}
+        return self.params
 
     def make_layer(self, name: str, layer: nn.Module, index: int, replay: bool) -> LatentLayer:
         raise NotImplementedError
@@ -215,7 +303,7 @@ class LowBitScaffoldPass(Pass):
 
     def call(self, model: Model, *, replay: bool = False) -> PassResult:
         gm = model.gm
-        sel = select_layers(model, self.params, self.name)
+        sel = select_layers(model, self.rule_params(replay), self.name)
         chosen, kept = sel.chosen, sel.kept
         errors = []
         for i, (name, layer) in enumerate(chosen):
@@ -232,6 +320,8 @@ class LowBitScaffoldPass(Pass):
         if not replay:
             checks["selection"] = {"layers": [n for n, _ in chosen], "count": len(chosen), "full_precision": kept,
                                    "grouped_or_depthwise": n_dw, "ineligible": ineligible_layers(model)}
+            if sel.first_layer:
+                checks["selection"]["first_layer"] = sel.first_layer
             checks["init"] = {"weight_rel_error_mean": sum(errors) / len(errors),
                               "weight_rel_error_max": max(errors)}
         dw = f" ({n_dw} grouped/depthwise)" if n_dw else ""

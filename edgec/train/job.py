@@ -14,9 +14,10 @@ import torch
 from edgec.core.errors import EdgecError
 from edgec.core.fileio import check_output
 from edgec.core.options import DEVICE, FinetuneOptions
-from edgec.data import check_fits, load_data
+from edgec.data import check_fits, load_data, max_sequence
 from edgec.models.checkpoint import load_checkpoint, save_checkpoint
 from edgec.train import distributed as D
+from edgec.train import fsdp as F
 from edgec.train.distill import find_teacher, scaffold_sources
 from edgec.train.loop import finetune
 from edgec.train.record import finetune_record
@@ -92,10 +93,13 @@ def _load_training_data(info, model, options: FinetuneOptions):
         D.barrier(info)
     if isinstance(model.config.get("n_mels"), int):
         opts.setdefault("n_mels", model.config["n_mels"])  # featurise audio for the model's front-end
-    data = load_data(os.fspath(options.data), **opts)
+    # text: blocks of --block-size tokens, by default 128 capped at the model's longest sequence
+    data = load_data(os.fspath(options.data), **opts, max_block_size=max_sequence(model.spec))
     if info.is_main:
         D.barrier(info)
     check_fits(data, model.spec, f"the model ({model.arch})")
+    if data.task == "causal_lm":
+        opts["block_size"] = int(data.meta["block_size"])  # recorded as resolved: eval packs the same blocks
     return data, opts
 
 
@@ -106,6 +110,7 @@ def _train(model, data, tmodel, mode: str, options: FinetuneOptions, rfile: Path
         warmup=o.warmup, grad_clip=o.grad_clip, seed=o.seed, teacher=tmodel, kd_weight=o.kd_weight,
         kd_temperature=o.kd_temperature, resume_file=rfile, resume=o.resume, progress=progress, device=o.device,
         distill=mode, off_weight=o.off_weight, off_layers=o.off_layers, binary_weights=o.binary_weights,
+        fsdp=o.fsdp,
     )
 
 
@@ -132,6 +137,8 @@ def _record_params(options: FinetuneOptions, model, data, opts: dict, report: di
                                    f"from (digest {sources[0][:12]}…)")
     if dinfo["binary_weights"] is not None:
         params["binary_weights"] = dinfo["binary_weights"]
+    if report.get("fsdp") is not None:
+        params["fsdp"] = True
     return params
 
 
@@ -163,6 +170,8 @@ def finetune_file(input_path, output, options: FinetuneOptions, *,
     check_device(options.device)
 
     with D.session() as info:
+        if options.fsdp:
+            F.check_world(info)  # before loading anything
         model = load_checkpoint(model_path, options)
         options.validate()
         mode = options.distill_mode()
@@ -190,5 +199,5 @@ def _result(model_path, output, rfile, options, info, data, best, report, record
         digest=record["output_digest"], params=best.param_count(), bytes=best.nbytes(), notes=report["notes"],
         distill=report["distill"] | {"teacher_file": Path(teacher).name if teacher is not None else None,
                                      "teacher_source": teacher_source},
-        seconds=time.perf_counter() - t0, train_seconds=report["seconds"],
+        seconds=time.perf_counter() - t0, train_seconds=report["seconds"], fsdp=report.get("fsdp"),
     )

@@ -9,6 +9,7 @@ docs/methods.md#off-distillation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import time
@@ -24,15 +25,18 @@ from edgec.core.errors import EdgecError
 from edgec.core.graph import Model
 from edgec.core.metrics import classification_metrics, regression_metrics
 from edgec.core.options import DISTILL_MODES
+from edgec.data.bundle import check_fits
 from edgec.layers.binary import binary_aux_loss, binary_latent_weights, real_mode
 from edgec.models.checkpoint import load_state_dict_strict
 from edgec.train import distill as DS
 from edgec.train import distributed as D
+from edgec.train import fsdp as F
 from edgec.train.losses import FeatureTap, combined_loss, first_output, task_loss
 from edgec.train.resume import load_resume, rng_state, save_resume, seed_all, set_rng_state
 
 LOOP_VERSION = 1
-MONITOR = {"classification": "uar", "regression": "ccc"}
+MONITOR = {"classification": "uar", "regression": "ccc", "causal_lm": "perplexity"}
+LOWER_IS_BETTER = frozenset({"perplexity"})  # monitored metrics where a smaller value is the better epoch
 
 
 class TrainingInterrupted(EdgecError):
@@ -94,8 +98,11 @@ def _args(x) -> tuple:
 @torch.no_grad()
 def evaluate(gm: torch.nn.Module, ds: Dataset, task: str, num_classes: int | None, batch_size: int,
              device: torch.device) -> dict:
-    """Val metrics in eval mode: classification accuracy/uar/macro_f1, regression ccc/mae, plus ``loss``."""
+    """Val metrics in eval mode: classification accuracy/uar/macro_f1, regression ccc/mae, plus ``loss``;
+    causal_lm: ``perplexity`` (exp of the loss), next-token top-1 ``accuracy`` and ``loss`` per token."""
     gm.eval()
+    if task == "causal_lm":
+        return _evaluate_lm(gm, ds, batch_size, device)
     preds, targets = [], []
     loss_sum, count = 0.0, 0
     n = len(ds)
@@ -116,13 +123,35 @@ def evaluate(gm: torch.nn.Module, ds: Dataset, task: str, num_classes: int | Non
     return metrics
 
 
-def is_better(score: float, loss: float, best: dict | None) -> bool:
+def _evaluate_lm(gm: torch.nn.Module, ds: Dataset, batch_size: int, device: torch.device) -> dict:
+    """Causal-LM validation, streamed (no [N, T, V] logits kept): summed NLL and top-1 hits over all tokens."""
+    nll, hits, count = 0.0, 0, 0
+    n = len(ds)
+    for start in range(0, n, batch_size):
+        x, y = collate(ds, list(range(start, min(n, start + batch_size))))
+        x, y = _to(x, device), y.to(device)
+        out = first_output(gm(*_args(x)))
+        nll += float(task_loss(out, y, "causal_lm", reduction="sum"))
+        hits += int((out.argmax(dim=-1) == y).sum())
+        count += y.numel()
+    loss = nll / max(1, count)
+    return {"perplexity": perplexity(loss), "accuracy": hits / max(1, count), "loss": loss}
+
+
+def perplexity(loss_per_token: float) -> float:
+    """``exp(mean NLL per token)``; inf (not an OverflowError) for a diverged model."""
+    return math.exp(loss_per_token) if loss_per_token < 709.0 else math.inf
+
+
+def is_better(score: float, loss: float, best: dict | None, lower: bool = False) -> bool:
+    """Whether an epoch's monitored ``score`` beats ``best`` (higher wins, or lower with ``lower``); ties go to
+    the lower val loss; a finite score beats a non-finite one."""
     if best is None:
         return True
     if not math.isfinite(best["score"]) and math.isfinite(score):
         return True
     if score != best["score"]:
-        return score > best["score"]
+        return score < best["score"] if lower else score > best["score"]
     return loss < best["loss"]
 
 
@@ -130,26 +159,54 @@ def is_better(score: float, loss: float, best: dict | None) -> bool:
 def preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) -> None:
     """Run two val examples through the model: clear errors for wrong input shapes or output widths."""
     x, _ = collate(ds, list(range(min(2, len(ds)))))
-    gm = model.gm
-    gm.eval()
-    try:
-        with torch.no_grad():
-            out = first_output(gm(*_args(_to(x, device))))
-    except Exception as exc:  # noqa: BLE001 - turned into one line for the user
-        shape = [list(t.shape) for t in _args(x)]
-        expects = [i["shape"] for i in model.spec.to_json()["inputs"]]
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise EdgecError(f"the {role} ({model.arch}) cannot run on this data: inputs {shape} vs expected {expects} ({msg})") from None
+    if data.task == "causal_lm":  # token ids 0 first: the vocabulary check comes before an embedding lookup fails
+        check_fits(data, model.spec, f"the {role} ({model.arch})")  # e.g. blocks longer than the model's maximum
+        _preflight_lm(model, data, _probe(model, tuple(torch.zeros_like(t) for t in _args(x)), device, role),
+                      _args(x)[0], role)
+    out = _probe(model, x, device, role)
     if data.task == "classification":
         if out.ndim != 2 or out.shape[-1] != data.num_classes:
             raise EdgecError(
                 f"the {role} ({model.arch}) outputs shape {list(out.shape)} but the data has {data.num_classes} classes; "
                 f"create the model with num_classes={data.num_classes}")
-    else:
+    elif data.task != "causal_lm":
         want = data.output_dim
         if out.numel() != want * len(_args(x)[0]):
             raise EdgecError(f"the {role} ({model.arch}) outputs shape {list(out.shape)} but the regression data has "
                              f"{want} target(s) per example")
+
+
+def _probe(model: Model, x, device: torch.device, role: str) -> torch.Tensor:
+    """The model's first output on ``x`` in eval mode; a failure is one line naming the shapes."""
+    gm = model.gm
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return first_output(gm(*_args(_to(x, device))))
+    except Exception as exc:  # noqa: BLE001 - turned into one line for the user
+        shape = [list(t.shape) for t in _args(x)]
+        expects = [i["shape"] for i in model.spec.to_json()["inputs"]]
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise EdgecError(f"the {role} ({model.arch}) cannot run on this data: inputs {shape} vs expected {expects} ({msg})") from None
+
+
+def _preflight_lm(model: Model, data, out: torch.Tensor, x: torch.Tensor, role: str) -> None:
+    """A causal LM must return logits [B, T, V] for token blocks [B, T], with V covering the data's vocabulary
+    (``vocab_size`` in its meta, and every token id of splits held as tensors)."""
+    if out.ndim != 3 or tuple(out.shape[:2]) != tuple(x.shape):
+        raise EdgecError(f"the {role} ({model.arch}) outputs shape {list(out.shape)} for token blocks "
+                         f"{list(x.shape)}; a causal LM must output logits [batch, seq, vocab]")
+    width = int(out.shape[-1])
+    vocab = data.meta.get("vocab_size") if isinstance(data.meta, dict) else None
+    if isinstance(vocab, int) and vocab > width:
+        raise EdgecError(f"the data's vocabulary has {vocab} tokens but the {role} ({model.arch}) outputs "
+                         f"{width} logits per position; create it with vocab_size={vocab}")
+    for name, ds in data.splits.items():
+        tensors = [getattr(ds, "inputs", None), getattr(ds, "targets", None)]
+        top = max((int(t.max()) for t in tensors if isinstance(t, torch.Tensor) and t.numel()), default=-1)
+        if top >= width:
+            raise EdgecError(f"the {name} split holds token id {top} but the {role} ({model.arch}) has a vocabulary "
+                             f"of {width} (ids 0..{width - 1})")
 
 
 def _preflight_features(fgm, tfgm, layers, ds: Dataset, device: torch.device) -> None:
@@ -249,6 +306,7 @@ def finetune(
     off_weight: float = 1.0,
     off_layers: list[str] | str | None = None,
     binary_weights: tuple[float, float] | str | None = None,
+    fsdp: bool = False,
 ) -> tuple[Model, dict]:
     """Fine-tune a copy of ``model`` on ``data`` (an ``edgec.data.DataBundle``); return ``(best model, report)``.
 
@@ -264,7 +322,8 @@ def finetune(
     ``epoch``/``end`` events (rank 0 only). ``extra_loss(outputs, (inputs, targets), features)`` returns a
     tensor added to the loss; ``features`` is ``{"student": {name: tensor}, "teacher": {name: tensor}}``
     captured from the leaf modules named by ``feature_layers`` (globs allowed). ``device``: None/"auto"
-    (CUDA if available), "cpu", "cuda", "cuda:1". Under torchrun (WORLD_SIZE > 1) it trains with DDP.
+    (CUDA if available), "cpu", "cuda", "cuda:1". Under torchrun (WORLD_SIZE > 1) it trains with DDP, or with
+    ``fsdp=True`` fully sharded (:mod:`edgec.train.fsdp`; needs WORLD_SIZE > 1; not with distill "off").
 
     Report: ``history`` (per epoch: train_loss [+ train_task_loss/train_kd_loss/train_off_loss/
     train_off_layers/train_real_loss/train_binary_aux_loss/train_extra_loss], lr,
@@ -281,7 +340,7 @@ def finetune(
                          resume_file=Path(resume_file) if resume_file else None, resume=bool(resume),
                          progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device,
                          distill=distill, off_weight=off_weight, off_layers=off_layers,
-                         binary_weights=binary_weights)
+                         binary_weights=binary_weights, fsdp=bool(fsdp))
 
 
 def resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_weights) -> dict:
@@ -366,6 +425,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_file: Path | None
     resume: bool
+    fsdp: dict | None = None  # edgec.train.fsdp.shard's summary when sharded
+    source: Model | None = None  # the input model (FSDP: the report's unsharded copy is built from it)
 
 
 @dataclass
@@ -383,18 +444,23 @@ class _State:
 
 def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_decay, warmup, grad_clip, seed,
               teacher, kd_weight, kd_temperature, resume_file, resume, progress, extra_loss, feature_layers, device,
-              distill, off_weight, off_layers, binary_weights):
+              distill, off_weight, off_layers, binary_weights, fsdp=False):
     """One run: check the options, set up, resume if asked, train every remaining epoch, report."""
     _check_hyper(epochs, batch_size, lr, weight_decay, warmup, grad_clip, kd_weight, kd_temperature, info)
     opts = resolve_distill(distill, teacher, kd_weight, off_weight, off_layers, binary_weights)
     if data.task not in MONITOR:
-        raise EdgecError(f"cannot fine-tune on a '{data.task}' task (expected classification or regression)")
+        raise EdgecError(f"cannot fine-tune on a '{data.task}' task (expected {', '.join(MONITOR)})")
     if resume and resume_file is None:
         raise EdgecError("resume=True needs a resume_file")
+    if fsdp:
+        F.check_world(info)
+    if fsdp and opts["mode"] == "off":
+        raise EdgecError("fsdp does not support distill 'off' (its feature graph bypasses the shard units); "
+                         "use distill 'logits' or DDP")
     hyper = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
              "grad_clip": grad_clip, "seed": seed, "kd_temperature": kd_temperature}
     run = _setup(model, data, info, hyper, opts, teacher=teacher, resume_file=resume_file, resume=resume,
-                 progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device)
+                 progress=progress, extra_loss=extra_loss, feature_layers=feature_layers, device=device, fsdp=fsdp)
     with _private_rng(run.dev):
         seed_all(seed + info.rank)
         state = _resume(run) if resume else _State()
@@ -404,7 +470,7 @@ def _finetune(model, data, info: D.DistInfo, *, epochs, batch_size, lr, weight_d
 
 # ------------------------------------------------------------------------------------------------ set-up
 def _setup(model: Model, data, info: D.DistInfo, hyper: dict, opts: dict, *, teacher, resume_file, resume, progress,
-           extra_loss, feature_layers, device) -> _Run:
+           extra_loss, feature_layers, device, fsdp=False) -> _Run:
     """Devices, model copies (checked on val examples), sizes, fingerprint, optimizer and feature taps."""
     train_ds, val_ds = data.split("train"), data.split("val")
     dev = D.device_for(info, device)
@@ -413,16 +479,20 @@ def _setup(model: Model, data, info: D.DistInfo, hyper: dict, opts: dict, *, tea
     start_digest = model.digest()
     notes: list[str] = []
     nets = _prepare_nets(model, teacher, data, val_ds, dev, opts, notes)
+    sharded = F.shard(nets.gm, info, dev) if fsdp else None  # before the optimizer: it takes the shards
     sizes = _sizes(len(train_ds), hyper, info, notes)
     fingerprint = _fingerprint(start_digest, data, hyper, info, teacher, extra_loss, feature_layers, opts,
                                nets.layers)
+    if sharded is not None:
+        fingerprint["fsdp"] = True  # the resume file's optimizer state is keyed by name
     optimizer, scheduler = _optimizer(nets, hyper["lr"], hyper["weight_decay"], sizes)
     nets.taps = _feature_taps(nets, feature_layers)
     return _Run(data=data, info=info, dev=dev, emit=emit, t_start=t_start, train_ds=train_ds, val_ds=val_ds,
                 nets=nets, hyper=hyper, mode=opts["mode"], kd_weight=opts["kd_weight"], opts=opts,
                 extra_loss=extra_loss, sizes=sizes, fingerprint=fingerprint,
                 distill_info=_distill_info(opts, nets.layers, fingerprint["teacher"], hyper["kd_temperature"]),
-                notes=notes, optimizer=optimizer, scheduler=scheduler, resume_file=resume_file, resume=resume)
+                notes=notes, optimizer=optimizer, scheduler=scheduler, resume_file=resume_file, resume=resume,
+                fsdp=sharded, source=model if sharded is not None else None)
 
 
 def _prepare_nets(model: Model, teacher: Model | None, data, val_ds: Dataset, dev: torch.device, opts: dict,
@@ -551,8 +621,12 @@ def _resume(run: _Run) -> _State:
     if len(saved["rng"]) != info.world_size:
         raise EdgecError(f"cannot resume from {resume_file}: it holds {len(saved['rng'])} process states, "
                          f"this run has {info.world_size}")
-    load_state_dict_strict(run.nets.gm, saved["state_dict"], resume_file)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.fsdp is not None:
+        F.load_full_state_dict(run.nets.gm, saved["state_dict"], resume_file)
+        F.load_optimizer_state_dict(run.nets.gm, run.optimizer, saved["optimizer"])
+    else:
+        load_state_dict_strict(run.nets.gm, saved["state_dict"], resume_file)
+        run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     state = _State(history=list(saved["history"]), best=dict(saved["best"]) if saved["best"] else None,
                    start_epoch=int(saved["epoch"]), step=int(saved["step"]),
@@ -571,10 +645,12 @@ def _resume(run: _Run) -> _State:
 def _train(run: _Run, state: _State) -> None:
     """Wrap for DDP, then train the remaining epochs; Ctrl-C becomes TrainingInterrupted."""
     nets, info, sizes, hyper = run.nets, run.info, run.sizes, run.hyper
-    find_unused = bool(info.distributed and _unused_parameters(nets.gm, run.val_ds, run.dev))
+    find_unused = bool(info.distributed and run.fsdp is None and _unused_parameters(nets.gm, run.val_ds, run.dev))
     # DDP wraps the module that training runs (the feature-extraction copy for OFF): it holds the very
     # same parameters as gm, so gradients are all-reduced exactly as for gm itself.
-    nets.net = D.wrap_ddp(nets.fgm if nets.fgm is not None else nets.gm, info, run.dev, find_unused)
+    # Under FSDP gm is already sharded (in _setup, before the optimizer took its parameters).
+    nets.net = nets.gm if run.fsdp is not None else D.wrap_ddp(nets.fgm if nets.fgm is not None else nets.gm,
+                                                                info, run.dev, find_unused)
     run.emit({"event": "start", "epochs": hyper["epochs"], "start_epoch": state.start_epoch + 1,
               "steps_per_epoch": sizes["steps_per_epoch"], "total_steps": sizes["total_steps"],
               "world_size": info.world_size, "batch_size": hyper["batch_size"],
@@ -687,7 +763,7 @@ def _optimizer_step(run: _Run, state: _State, loss: torch.Tensor) -> float | Non
     loss.backward()
     grad_norm = None
     if run.hyper["grad_clip"] > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.nets.gm.parameters(), run.hyper["grad_clip"]))
+        grad_norm = F.clip_grad_norm(run.nets.gm.parameters(), run.hyper["grad_clip"])  # global norm under FSDP
     state.last_lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -703,15 +779,18 @@ def _end_epoch(run: _Run, state: _State, epoch: int, sums: dict, t0: float) -> N
     totals = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys], info, run.dev)))
     D.broadcast_buffers(gm, info)
     val = evaluate(gm, run.val_ds, run.data.task, run.data.num_classes, run.hyper["batch_size"], run.dev)
-    score, vloss = float(val[MONITOR[run.data.task]]), float(val["loss"])
-    improved = is_better(score, vloss, state.best)
+    monitor = MONITOR[run.data.task]
+    score, vloss = float(val[monitor]), float(val["loss"])
+    improved = is_better(score, vloss, state.best, lower=monitor in LOWER_IS_BETTER)
+    if run.fsdp is not None:  # the gather below is collective: every rank follows rank 0's decision
+        improved = bool(D.gather_objects(improved, info)[0])
     if improved:
         state.best = {"epoch": epoch + 1, "score": score, "loss": vloss, "metrics": val,
                       "state_dict": _cpu_state_dict(gm)}
     row = _history_row(run, epoch, totals, val, time.perf_counter() - t0, improved, state.last_lr)
     state.history.append(row)
     rngs = D.gather_objects(rng_state(run.dev), info)
-    if run.resume_file is not None and info.is_main:
+    if run.resume_file is not None and (info.is_main or run.fsdp is not None):  # FSDP gathers on every rank
         _save_resume(run, state, epoch, rngs)
     run.emit({"event": "epoch", "epoch": epoch + 1, "epochs": run.hyper["epochs"], "train_loss": row["train_loss"],
               "val": val, "lr": state.last_lr, "seconds": row["seconds"], "is_best": improved,
@@ -719,6 +798,8 @@ def _end_epoch(run: _Run, state: _State, epoch: int, sums: dict, t0: float) -> N
 
 
 def _cpu_state_dict(gm: torch.nn.Module) -> dict:
+    if F.is_sharded(gm):
+        return F.full_state_dict(gm)  # collective: every rank calls it
     return {k: v.detach().to("cpu", copy=True) for k, v in gm.state_dict().items()}
 
 
@@ -744,10 +825,15 @@ def _history_row(run: _Run, epoch: int, totals: dict, val: dict, seconds: float,
 
 
 def _save_resume(run: _Run, state: _State, epoch: int, rngs: list) -> None:
+    weights = _cpu_state_dict(run.nets.gm)
+    optim = (F.optimizer_state_dict(run.nets.gm, run.optimizer) if run.fsdp is not None
+             else run.optimizer.state_dict())
+    if not run.info.is_main:  # FSDP: the other ranks only took part in the gathers
+        return
     save_resume(run.resume_file, {
         "fingerprint": run.fingerprint, "epoch": epoch + 1, "step": state.step,
-        "state_dict": _cpu_state_dict(run.nets.gm),
-        "best": state.best, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "state_dict": weights,
+        "best": state.best, "optimizer": optim, "scheduler": run.scheduler.state_dict(),
         "history": state.history, "rng": rngs,
         "train_seconds": state.prior_seconds + time.perf_counter() - run.t_start,
         "threads": torch.get_num_threads(), "device": run.dev.type,
@@ -771,9 +857,14 @@ def _report(run: _Run, state: _State) -> tuple[Model, dict]:
     """Load the best epoch's weights into the student (eval mode, CPU); the report; the ``end`` event."""
     best, sizes, gm = state.best, run.sizes, run.nets.gm
     assert best is not None
+    if run.fsdp is not None:  # an unsharded copy of the input model takes the best weights
+        gm = run.source.clone().gm
     gm.load_state_dict(best["state_dict"])
     student = run.nets.student
     student.gm = gm.to("cpu").eval()
+    if run.fsdp is not None:  # free the sharded module (reference cycles) while the process group exists
+        run.nets.gm = run.nets.net = run.optimizer = None
+        gc.collect()
     seconds = state.prior_seconds + time.perf_counter() - run.t_start
     report = {
         "epochs": run.hyper["epochs"], "best_epoch": best["epoch"], "best": best["metrics"],
@@ -784,7 +875,7 @@ def _report(run: _Run, state: _State) -> tuple[Model, dict]:
         "train_examples": sizes["n_train"], "val_examples": len(run.val_ds),
         "resumed_from": state.start_epoch if run.resume else None, "device": str(run.dev),
         "warmup_steps": sizes["warmup_steps"], "fingerprint": run.fingerprint, "notes": run.notes,
-        "rank": run.info.rank, "distill": run.distill_info,
+        "rank": run.info.rank, "distill": run.distill_info, "fsdp": run.fsdp,
     }
     run.emit({"event": "end", "best_epoch": best["epoch"], "best": best["metrics"], "seconds": seconds,
               "steps": state.step})

@@ -22,9 +22,22 @@ def first_output(out) -> torch.Tensor:
 
 
 def task_loss(pred: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (classification), MSE (regression) or next-token cross-entropy (causal_lm: logits
+    [B, T, V] against token ids [B, T], over all B·T positions; "mean" is per token, "sum" the total NLL)."""
     if task == "classification":
         return F.cross_entropy(pred, target, reduction=reduction)
+    if task == "causal_lm":
+        logits, tokens = lm_positions(pred, target)
+        return F.cross_entropy(logits.float(), tokens, reduction=reduction)
     return F.mse_loss(as_target_shape(pred, target).float(), target.float(), reduction=reduction)
+
+
+def lm_positions(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM logits [B, T, V] and next-token ids [B, T] as one row per position: ([B·T, V], [B·T])."""
+    if pred.ndim != 3 or tuple(pred.shape[:2]) != tuple(target.shape):
+        raise EdgecError(f"a causal LM must output logits [batch, seq, vocab] matching the targets "
+                         f"{list(target.shape)}; the model outputs shape {list(pred.shape)}")
+    return pred.reshape(-1, pred.shape[-1]), target.reshape(-1).long()
 
 
 def as_target_shape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,9 +50,15 @@ def as_target_shape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0, task: str = "classification") -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` averaged over the batch (MSE for regression)."""
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` averaged over the batch (MSE for regression); for
+    causal_lm over every token position (logits [B, T, V]: the mean of the B·T per-position terms)."""
     teacher = teacher.detach()
-    if task != "classification":
+    if task == "causal_lm":
+        if student.ndim != 3 or teacher.shape != student.shape:
+            raise EdgecError(f"per-token distillation needs student and teacher logits of one shape [batch, seq, "
+                             f"vocab]; got {list(student.shape)} and {list(teacher.shape)}")
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    elif task != "classification":
         return F.mse_loss(student.float(), teacher.float().reshape(student.shape))
     t = float(temperature)
     log_s = F.log_softmax(student.float() / t, dim=-1)

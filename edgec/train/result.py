@@ -39,3 +39,4 @@ class FinetuneResult(Result):
     distill: dict
     seconds: float
     train_seconds: float
+    fsdp: dict | None = None  # {world, units, params_total_bytes, params_per_rank_bytes} under --fsdp

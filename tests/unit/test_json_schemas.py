@@ -13,12 +13,14 @@ from edgec.app.cli import ERROR_SCHEMA, fail
 from edgec.app.python_api import StepReport
 from edgec.app.recipe import PLAN_SCHEMA, REPORT_SCHEMA, Plan, execute
 from edgec.core.result import Result
+from edgec.generation import GenerateResult
 from edgec.prune.result import PruneResult
 from edgec.train.result import FinetuneResult
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "json.md"
 RESULT_CLASSES = [cls for cls in vars(results).values()
-                  if isinstance(cls, type) and issubclass(cls, Result) and cls is not Result] + [PruneResult, FinetuneResult, StepReport]
+                  if isinstance(cls, type) and issubclass(cls, Result) and cls is not Result] + [
+    PruneResult, FinetuneResult, StepReport, GenerateResult]
 
 
 def documented() -> dict[str, set[str]]:

@@ -246,14 +246,16 @@ def test_tied_layers_are_not_selected():
 
 def test_params_recorded_and_validated():
     assert STTNScaffold().record()["params"] == {
-        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "seed": 0, "clip": 1.96}
+        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
+        "seed": 0, "clip": 1.96}
     assert DLTScaffold().record()["params"] == {
-        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "group_size": 128,
-        "shift_init": "zero", "clip": 1.5}
+        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
+        "group_size": 128, "shift_init": "zero", "clip": 1.5}
     assert BinaryScaffold(latent_weight="0.3,1").record()["params"] == {
-        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True,
+        "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
         "latent_weight": [0.3, 1.0], "clip": 1.0}
-    for bad in ({"activations": "binary"}, {"include": [""]}, {"keep_first_last": "yes"}, {"seed": 1.5}):
+    for bad in ({"activations": "binary"}, {"include": [""]}, {"keep_first_last": "yes"}, {"seed": 1.5},
+                {"first_layer": "first"}):
         with pytest.raises(EdgecError):
             STTNScaffold(**bad)
     with pytest.raises(EdgecError):
@@ -450,7 +452,8 @@ def test_bert_linear_binary_keeps_classifier(base):
     res = BinaryScaffold()(base("bert"))
     gm = res.model.gm
     assert type(gm.get_submodule("classifier")) is nn.Linear
-    assert type(gm.get_submodule("encoder.layer.0.attention.self.query")) is nn.Linear  # first weight layer
+    # the first Linear reads the embeddings, not the model input: quantized like every encoder Linear
+    assert isinstance(gm.get_submodule("encoder.layer.0.attention.self.query"), BinaryLayer)
     assert isinstance(gm.get_submodule("pooler.dense"), BinaryLayer)
     low = FoldBinary()(res.model).model.gm.get_submodule("pooler.dense")
     assert isinstance(low, LowBitLinear) and low.bits == 1

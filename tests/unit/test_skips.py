@@ -71,15 +71,18 @@ def test_ternary_reports_embedding_lstm_first_last_and_functional_weights():
     model = model_of(Tagger(), TOKENS)
     out, records = PassManager([STTNScaffold()])(model)
     rec = records[0]
-    assert sorted(n for n, _ in out.scaffolds()) == ["mid", "out"]
+    # proj reads the LSTM's output, not the model input: the first layer is the embedding (fp32), so proj
+    # is quantized and only the head is kept by --keep-first-last
+    assert sorted(n for n, _ in out.scaffolds()) == ["mid", "out", "proj"]
     skipped = by_layer(rec["skipped"])
-    assert list(skipped) == ["emb", "lstm", "proj", "w", "head"]  # graph order
+    assert list(skipped) == ["emb", "lstm", "w", "head"]  # graph order
     assert skipped["emb"].startswith("nn.Embedding lookup table")
     assert skipped["lstm"].startswith("recurrent layer nn.LSTM")
-    assert skipped["proj"] == "first layer kept fp32 (--keep-first-last)"
+    first = rec["checks"]["selection"]["first_layer"]
+    assert first["layer"] == "proj" and not first["kept"] and first["reason"].startswith("emb (nn.Embedding) runs")
     assert skipped["head"] == "last linear layer kept fp32 (--keep-first-last)"
     assert "functional op" in skipped["w"]
-    assert rec["summary"].endswith("; 2 changed, 5 skipped")
+    assert rec["summary"].endswith("; 3 changed, 4 skipped")
     # the record: skipped right after summary, and it is in the artifact's provenance
     keys = list(rec)
     assert keys[keys.index("summary") + 1] == "skipped"
@@ -118,7 +121,7 @@ def test_nothing_to_scaffold_names_the_skips():
             return self.head(self.emb(idx)).mean(1)
 
     with pytest.raises(PreconditionError, match=r"nothing to scaffold .*skipped: emb: nn.Embedding lookup table.*"
-                                                r"head: first layer kept fp32"):
+                                                r"head: last linear layer kept fp32"):
         STTNScaffold()(model_of(OnlyOpaque(), TOKENS))
 
 
@@ -126,7 +129,7 @@ def test_api_scaffold_strict_exits_2_and_writes_nothing(api_model, tmp_path):
     api_model(model_of(Tagger(), TOKENS))
     out = tmp_path / "t.pt"
     res = api.scaffold_ternary(tmp_path / "in.pt", out, ScaffoldTernaryOptions())
-    assert [s["layer"] for s in res.skipped] == ["emb", "lstm", "proj", "w", "head"]
+    assert [s["layer"] for s in res.skipped] == ["emb", "lstm", "w", "head"]
     assert res.to_dict()["skipped"] == res.skipped and out.exists()
     # the checkpoint on disk records the skips (a plain-container file)
     stored = torch.load(out, weights_only=True)["provenance"][-1]
@@ -136,19 +139,19 @@ def test_api_scaffold_strict_exits_2_and_writes_nothing(api_model, tmp_path):
         api.scaffold_ternary(tmp_path / "in.pt", strict_out, ScaffoldTernaryOptions(strict=True))
     assert err.value.exit_code == 2
     msg = str(err.value)
-    # proj and head are kept fp32 by --keep-first-last (deliberate): only the 3 the pass cannot handle count
+    # the head is kept fp32 by --keep-first-last (deliberate): only the 3 the pass cannot handle count
     assert msg.startswith("scaffold.sttn could not handle 3 layer(s) and --strict is set: emb: nn.Embedding")
     assert "nothing written" in msg and "head" not in msg
-    assert [s["deliberate"] for s in res.skipped] == [False, False, True, False, True]
+    assert [s["deliberate"] for s in res.skipped] == [False, False, False, True]
     assert not strict_out.exists()
     # excluding them acknowledges them: --strict then passes
     ok = api.scaffold_ternary(tmp_path / "in.pt", strict_out,
                               ScaffoldTernaryOptions(strict=True, exclude=["emb", "lstm", "w"]))
-    assert len(ok.skipped) == 5 and all(s["deliberate"] for s in ok.skipped) and strict_out.exists()
+    assert len(ok.skipped) == 4 and all(s["deliberate"] for s in ok.skipped) and strict_out.exists()
     with console.capture() as cap:
         console.print(scaffold_table(res.to_dict()))
     text = cap.get()
-    assert "skipped: 5 layer(s) left unchanged" in text and "2 changed, 5 skipped" in text
+    assert "skipped: 4 layer(s) left unchanged" in text and "3 changed, 4 skipped" in text
 
 
 class Heads(nn.Module):
