@@ -87,6 +87,8 @@ SIZES = {
                             "strides": [2, 2, 2, 2], "expand_ratio": 6, "last_channels": 2048}},
     "bert": {"large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                        "intermediate_size": 2048}},
+    "llama": {"large": {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512}},
 }
 ORT_INT8 = "ORT int8 dynamic"
 
