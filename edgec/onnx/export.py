@@ -191,13 +191,7 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     whole-file timings, not embedded because they vary run to run) and ``size`` (file bytes and the
     fp32-equivalent file size).
     """
-    refuse_scaffolds(model)
-    mode = lb.resolve_weights(model, weights)
-    lb.check_forms(forms)
-    fm.check_precision(activation_precision)
-    target, config = fm.parse_target_config(target_config)
-    mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
-    check_opset(opset)
+    mode, opset, target, config = export_settings(model, opset, weights, forms, activation_precision, target_config)
     say = progress or (lambda _m: None)
     choice = {"forms": forms, "threads": threads, "precision": activation_precision, "config": config, "say": say}
     say("exporting the graph (torch.onnx)")
@@ -237,6 +231,19 @@ def export(model: Model, opset: int | None = None, tolerance: float = TOLERANCE,
     if mode == "int2":
         record = dict(record, measurements=measurements, size=_size_report(data, report))
     return data, record
+
+
+def export_settings(model: Model, opset, weights: str, forms: str, activation_precision: str, target_config):
+    """The checks every export starts with (no unfolded scaffold, valid forms, precision, target and opset) ->
+    ``(weights mode, opset, target label, session config)``."""
+    refuse_scaffolds(model)
+    mode = lb.resolve_weights(model, weights)
+    lb.check_forms(forms)
+    fm.check_precision(activation_precision)
+    target, config = fm.parse_target_config(target_config)
+    mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
+    check_opset(opset)
+    return mode, opset, target, config
 
 
 def _exported_proto(model: Model, mode: str, opset: int, choice: dict, overrides: dict | None = None):

@@ -41,15 +41,13 @@ from edgec.models.source import build
 from edgec.onnx import forms as fm
 from edgec.onnx import int2 as lb
 from edgec.onnx.export import (
-    DEFAULT_OPSET,
     INT8_TOLERANCE,
     PROVENANCE_KEY,
     append_metadata,
-    check_opset,
     check_written_opset,
     dynamo_export,
+    export_settings,
     finish_int2,
-    refuse_scaffolds,
     verification_config,
     versions,
 )
@@ -339,14 +337,8 @@ def export_kv(model: Model, opset: int | None = None, tolerance: float | None = 
               tool_versions: dict | None = None, progress=None):
     """Export ``model`` (an architecture with ``forward_cached``) as one prefill + decode graph with a KV cache;
     verified (``kv_parity``) and annotated like ``edgec.onnx.export.export``. Returns (bytes, record)."""
-    refuse_scaffolds(model)
     say = progress or (lambda _m: None)
-    mode = lb.resolve_weights(model, weights)
-    lb.check_forms(forms)
-    fm.check_precision(activation_precision)
-    target, config = fm.parse_target_config(target_config)
-    mode, opset = lb.resolve_opset(mode, opset, DEFAULT_OPSET, weights)
-    check_opset(opset)
+    mode, opset, target, config = export_settings(model, opset, weights, forms, activation_precision, target_config)
     say("rebuilding the decoder with its KV-cache forward")
     module = decoder_module(model)
     geometry = cache_geometry(module)
