@@ -3,6 +3,7 @@
 #   make test-fast  tests/unit only: no espeak-ng, no fixture, no training (under 2 minutes)
 #   make keywords   synthesise the keyword-spotting fixture (fixtures/keywords; bench needs it)
 #   make text       build the English text corpus + tokenizer from python3.11-doc (fixtures/text; bench needs it)
+#   make detection  draw the synthetic shapes detection fixture (fixtures/detection; bench needs it)
 #   make lint       ruff + the import-layer contract (pyproject.toml [tool.ruff], [tool.importlinter])
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,10 +12,11 @@ STAMP  := $(VENV)/.edgec-installed
 SPEECH := fixtures/speech/labels.csv
 KEYWORDS := fixtures/keywords/labels.csv
 TEXT   := fixtures/text/tokens.safetensors
+DETECTION := fixtures/detection/train.json
 DOCSRC := /usr/share/doc/python3.11/html/_sources
 LINTED := edgec tests benchmarks fixtures
 
-.PHONY: venv demo test test-fast lint espeak clean bench keywords text pydoc
+.PHONY: venv demo test test-fast lint espeak clean bench keywords text pydoc detection
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +51,12 @@ $(TEXT): fixtures/make_text.py edgec/data/text.py | venv pydoc
 
 text: $(TEXT)
 
+# synthetic shapes on textured backgrounds, COCO json per split (3000 images, 64-128 px; needs Pillow)
+$(DETECTION): fixtures/make_detection.py | venv
+	$(BIN)/python fixtures/make_detection.py --out fixtures/detection
+
+detection: $(DETECTION)
+
 demo: venv espeak $(SPEECH)
 	$(BIN)/edgec run fixtures/demo.toml --out out/demo
 
@@ -62,8 +70,8 @@ lint: venv
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/lint-imports
 
-bench: venv espeak $(SPEECH) $(KEYWORDS) $(TEXT)
+bench: venv espeak $(SPEECH) $(KEYWORDS) $(TEXT) $(DETECTION)
 	$(BIN)/python benchmarks/zoo.py
 
 clean:
-	rm -rf out .cache fixtures/speech fixtures/keywords fixtures/text
+	rm -rf out .cache fixtures/speech fixtures/keywords fixtures/text fixtures/detection

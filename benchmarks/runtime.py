@@ -82,6 +82,7 @@ SIZES = {
     "convtransformer": {"large": {"d_model": 512, "num_layers": 8, "ffn_dim": 2048, "num_heads": 8,
                                   "num_strided": 2}},
     "hafformer": {"large": {"dims": [384, 640, 896], "depths": [2, 2, 3]}},
+    "speechformer": {"large": {"dims": [256, 384, 512, 640], "depths": [2, 2, 4, 4], "num_heads": 8, "ffn_mult": 4.0}},
     "resnet": {"large": {"base_width": 96}},
     "mobilenet": {"large": {"width": 32, "stage_channels": [32, 128, 384, 768], "blocks_per_stage": [1, 2, 3, 4],
                             "strides": [2, 2, 2, 2], "expand_ratio": 6, "last_channels": 2048}},
@@ -89,6 +90,10 @@ SIZES = {
                        "intermediate_size": 2048}},
     "llama": {"large": {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
                         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512}},
+    "lwdetr": {"large": {"image_size": 256, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                         "mlp_ratio": 4.0, "global_blocks": [2, 5, 8, 11], "out_indices": [2, 5, 8, 11],
+                         "c2f_blocks": 3, "dim": 256, "decoder_heads": 8, "decoder_ffn": 2048, "num_queries": 100,
+                         "groups": 13}},
 }
 ORT_INT8 = "ORT int8 dynamic"
 

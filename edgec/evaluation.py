@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import torch
 
+from edgec.core.detection_metrics import detection_metrics, postprocess, targets_from_items
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model
 from edgec.core.metrics import classification_metrics, regression_metrics
@@ -168,6 +169,15 @@ class _TorchRunner:
         args = tuple(torch.from_numpy(feed[i.name]) for i in self.inputs)
         return self.model.run(args)[0].numpy()
 
+    def detection(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, boxes): a detection model's two outputs."""
+        args = tuple(torch.from_numpy(feed[i.name]) for i in self.inputs)
+        out = self.model.run(args)
+        if len(out) < 2:
+            raise EdgecError(f"a detection model must output logits and boxes; {self.model.arch} outputs "
+                             f"{len(out)} tensor(s)")
+        return out[0].numpy(), out[1].numpy()
+
 
 class _OrtRunner:
     by = "onnxruntime"
@@ -179,8 +189,21 @@ class _OrtRunner:
         self.output = "logits" if "logits" in outputs else outputs[0]
 
     def __call__(self, feed: dict) -> np.ndarray:
+        return self._run([self.output], feed)[0]
+
+    def detection(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, boxes): the outputs so named, else the first two."""
+        names = [o.name for o in self.session.get_outputs()]
+        if len(names) < 2:
+            raise EdgecError(f"a detection model must output logits and boxes; the ONNX file has {len(names)} "
+                             "output(s)")
+        wanted = ["logits", "boxes"] if {"logits", "boxes"} <= set(names) else names[:2]
+        logits, boxes = self._run(wanted, feed)
+        return logits, boxes
+
+    def _run(self, names: list, feed: dict) -> list:
         try:
-            return self.session.run([self.output], feed)[0]
+            return self.session.run(names, feed)
         except Exception as exc:  # onnxruntime's own exception types
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise EdgecError(f"onnxruntime failed on the data: {msg}") from None
@@ -258,6 +281,31 @@ def score(outputs: np.ndarray, targets: np.ndarray, task: str, num_classes: int 
     m = regression_metrics(t, p)
     metrics = {"ccc": m["ccc"], "mae": m["mae"], "rmse": m["rmse"], "loss": float(((t - p) ** 2).mean())}
     return metrics, p.tolist()
+
+
+def score_detection(runner, dataset, batch_size: int, num_classes: int | None, notes: list,
+                    return_predictions: bool = False) -> tuple[dict, list]:
+    """COCO-style box mAP (``edgec.core.detection_metrics``): each image's top-100 (query, class) pairs by sigmoid
+    score against its ground-truth boxes; returns (metrics, per-image predictions as plain values)."""
+    preds, gts, width = [], [], None
+    for x, y in iter_batches(dataset, batch_size):
+        logits, boxes = runner.detection(build_feed(runner.inputs, x))
+        if logits.shape[0] != x.shape[0]:
+            raise EdgecError(f"the model returned {logits.shape[0]} rows for a batch of {x.shape[0]}")
+        width = int(logits.shape[-1])
+        if num_classes is not None and width < num_classes:
+            raise EdgecError(f"the model outputs {width} class scores but the data has {num_classes} classes "
+                             "(build it with num_classes matching the data)")
+        preds += postprocess(logits.astype(np.float64), boxes.astype(np.float64))
+        gts += targets_from_items(y)
+    if num_classes is not None and width is not None and width > num_classes:
+        notes.append(f"the model outputs {width} class scores but the data has {num_classes} classes; detections "
+                     f"of class ids {num_classes}..{width - 1} match no ground truth and are not scored")
+    m = detection_metrics(preds, gts)
+    metrics = {"map": m["map"], "map50": m["map50"], "map75": m["map75"], "objects": m["objects"]}
+    out = [{"boxes": p["boxes"].tolist(), "scores": p["scores"].tolist(), "labels": p["labels"].tolist()}
+           for p in preds] if return_predictions else []
+    return metrics, out
 
 
 def score_lm(runner, dataset, batch_size: int, meta: dict, split: str, notes: list,
@@ -438,9 +486,12 @@ def load_eval_data(data_source, config: dict, records: list, *, n_mels: int | No
     if block_size is None:
         block_size = trained.get("block_size")
     max_seq = config.get("max_position_embeddings")
+    image_size = config.get("image_size")  # detection folders: images resized to the model's S x S
     bundle = load_data(os.fspath(data_source), sample_rate=sample_rate, n_mels=n_mels, frames=frames,
                        val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, normalize=normalize,
-                       block_size=block_size, max_block_size=max_seq if isinstance(max_seq, int) else None)
+                       block_size=block_size, max_block_size=max_seq if isinstance(max_seq, int) else None,
+                       image_size=image_size if isinstance(image_size, int) and not isinstance(image_size, bool)
+                       else None)
     return bundle, n_mels, frames
 
 
@@ -454,6 +505,8 @@ def _load_target(path: Path, is_onnx: bool, arch: str | None) -> tuple[object, d
     config = model.config or {}
     spec_n_mels = model.spec.extra.get("n_mels") if isinstance(model.spec.extra, dict) else None
     config = {"n_mels": spec_n_mels, **config} if spec_n_mels is not None else config
+    spec_size = model.spec.extra.get("image_size") if isinstance(model.spec.extra, dict) else None
+    config = {"image_size": spec_size, **config} if spec_size is not None else config
     return model, config, model.provenance
 
 
@@ -496,6 +549,9 @@ def evaluate_model(target, bundle, *, split: str | None = "test", batch_size: in
     if bundle.task == "causal_lm":
         lm = score_lm(prep.runner, dataset, batch_size, bundle.meta, split_used, notes, return_predictions)
         metrics, predictions = lm.pop("metrics"), lm.pop("predictions")
+    elif bundle.task == "detection":
+        metrics, predictions = score_detection(prep.runner, dataset, batch_size, bundle.num_classes, notes,
+                                               return_predictions)
     else:
         outputs, targets = predict(prep.runner, dataset, batch_size)
         metrics, predictions = score(outputs, targets, bundle.task, bundle.num_classes, notes)

@@ -74,6 +74,8 @@ class Context:
         self.slots: dict[tuple, np.ndarray] = {}
         self.labels: dict[fx.Node, Labels] = {}
         self.shape_nodes: dict[fx.Node, Labels] = {}  # size()/shape results that read labelled dims
+        self.sizes: dict[fx.Node, Label] = {}  # ints read from the size of one channel dim (x.shape[-1])
+        self.parts: dict[fx.Node, list[Labels]] = {}  # tuple results (split/chunk): the labels of each part
         self.shapes_a = _propagate_shapes(model, False)
         self.shapes_b = _propagate_shapes(model, True)
 
@@ -114,12 +116,22 @@ class Context:
             self.unite(labels[0], other, node)
 
     def mark_all(self, nodes, reason: str) -> None:
-        """Every channel that the values ``nodes`` carry (or whose sizes they hold) is unprunable."""
+        """Every channel that the values ``nodes`` carry (or whose sizes they hold, or that their parts carry)
+        is unprunable."""
         for n in nodes:
             for lab in self.labels.get(n, {}).values():
                 self.mark(lab, reason)
             for lab in self.shape_nodes.get(n, {}).values():
                 self.mark(lab, reason)
+            if n in self.sizes:
+                self.mark(self.sizes[n], reason)
+            for part in self.parts.get(n, ()):
+                for lab in part.values():
+                    self.mark(lab, reason)
+
+    def carries(self, node) -> bool:
+        """``node`` carries channels, sizes of channel dims or parts holding channels."""
+        return node in self.labels or node in self.shape_nodes or node in self.sizes or node in self.parts
 
     def slot(self, kind: str, target: str, label: Label, node: fx.Node, arg=None) -> None:
         """Record a sliceable place; a module called more than once shares its rows/columns."""

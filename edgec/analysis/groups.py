@@ -24,7 +24,8 @@ from edgec.core.graph import Model
 class Slot:
     """One sliceable place: a module's output rows (``out``), input columns (``in``), per-channel entries
     (``channel``: BatchNorm / depthwise conv), an embedding's columns (``embedding``), or a size literal in a
-    ``view``/``reshape`` node (``reshape``; ``target`` is the node name, ``arg`` where the literal sits).
+    ``view``/``reshape``/``split`` node (``reshape``; ``target`` is the node name, ``arg`` where the literal sits),
+    or a slice bound on a channel dim (``slice``; ``arg`` = (arg index, index item or None, "start"/"stop")).
     ``gid[p]``/``unit[p]``: the group and unit of position ``p`` (-1: a fixed position, never removed)."""
 
     kind: str
@@ -171,7 +172,7 @@ def _group(cp: Coupling, part: _Partition, gi: int, slots: list[Slot]) -> Group:
         producers=_dedupe([cp.spaces[s]["target"] for s in members]),
         consumers=_dedupe([s.target for s in gslots if s.kind == "in"]),
         per_channel=_dedupe([s.target for s in gslots if s.kind == "channel"]),
-        reshapes=sorted({s.target for s in gslots if s.kind == "reshape"}), prunable=not reasons,
+        reshapes=sorted({s.target for s in gslots if s.kind in ("reshape", "slice")}), prunable=not reasons,
         reasons=_dedupe(reasons), zero_exact=not nonzero, index=gi, slots=gslots)
 
 

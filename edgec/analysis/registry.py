@@ -77,7 +77,7 @@ def _rule_for(cx: Context, node: fx.Node) -> Rule | None:
 def labelled_inputs(cx: Context, node: fx.Node) -> list[fx.Node]:
     """The inputs of ``node`` that carry channels (or sizes of channel dims)."""
     inputs = flat_nodes((node.args, node.kwargs))
-    return [n for n in inputs if n in cx.labels or n in cx.shape_nodes]
+    return [n for n in inputs if cx.carries(n)]
 
 
 def unsupported(cx: Context, node: fx.Node) -> Labels:
@@ -91,10 +91,24 @@ def visit(cx: Context, node: fx.Node) -> Labels:
     if node.op == "call_module":
         entry = module_rule(cx.module(node))
         if entry is not None and entry.always:
+            _check_sizes(cx, node, entry.rule)
             return entry.rule(cx, node)
     if not labelled_inputs(cx, node):
         return {}
     rule = _rule_for(cx, node)
     if rule is None:
         return unsupported(cx, node)
+    _check_sizes(cx, node, rule)
     return rule(cx, node)
+
+
+def _check_sizes(cx: Context, node: fx.Node, rule: Rule) -> None:
+    """A channel dim's size (``x.shape[-1]``) used in a computation: its value would change after pruning, so
+    those channels are unprunable; only rules that check sizes themselves (``reads_sizes``: reshape) may take
+    one."""
+    if getattr(rule, "reads_sizes", False):
+        return
+    for n in flat_nodes((node.args, node.kwargs)):
+        if n in cx.sizes:
+            cx.mark(cx.sizes[n], f"{describe(node)} computes with the size of a channel dim ({describe(n)}); "
+                                 "its value would change")

@@ -105,7 +105,8 @@ def _merge(cx: Context, node: fx.Node, x, inp: Labels, labelled: list[int], gi: 
         return None
     d0 = labelled[0]
     if not all(cx.static(x, d) for d in gi if d != d0):
-        cx.mark(inp[d0], f"{describe(node)} merges a channel dim with a dynamic dim")
+        cx.mark(inp[d0], f"{describe(node)} merges a channel dim with a dynamic dim (e.g. attention heads folded "
+                         "into the batch, as deformable attention does for grid_sample): not pruned")
         return None
     sizes = [si[d] for d in gi]
     coord = np.indices(sizes)[gi.index(d0)].reshape(-1)
@@ -114,7 +115,7 @@ def _merge(cx: Context, node: fx.Node, x, inp: Labels, labelled: list[int], gi: 
 
 def _literals(cx: Context, node: fx.Node, out: Labels, rank: int) -> None:
     """Integer size literals at labelled dims of a ``view``/``reshape`` become slots (rewritten on pruning)."""
-    if not out or node.op == "call_module" or node.target in ("flatten", torch.flatten):
+    if node.op == "call_module" or node.target in ("flatten", torch.flatten):
         return
     rest = list(node.args[1:])
     if node.op == "call_function":  # torch.reshape(x, shape)
@@ -126,20 +127,55 @@ def _literals(cx: Context, node: fx.Node, out: Labels, rank: int) -> None:
     if not isinstance(shape, (list, tuple)) or len(shape) != rank:
         for lab in out.values():
             cx.mark(lab, f"{describe(node)} has a shape argument this analysis cannot rewrite")
+        cx.mark_all([n for n in rest if isinstance(n, fx.Node)], f"{describe(node)} has a shape argument this "
+                                                                 "analysis cannot follow")
         return
+    for k, v in enumerate(shape):
+        if isinstance(v, fx.Node) and v in cx.sizes and not _same(out.get(k), cx.sizes[v]):
+            cx.mark(cx.sizes[v], f"{describe(node)} uses the size of a channel dim ({describe(v)}) for another "
+                                 "dim; its value would change")
     for k, lab in out.items():
         v = shape[k]
         if isinstance(v, int) and v == -1:
             continue
-        if isinstance(v, int):
-            arg = (1, k) if where == "tuple" else (1 + k,)
+        arg = (1, k) if where == "tuple" else (1 + k,)
+        if isinstance(v, int) or (isinstance(v, fx.Node) and cx.static(node, k)):
+            # a literal, or a computed value (``C`` in ``reshape(B, N, C)``, ``C // heads``) at a static channel
+            # dim: pruning writes the dim's new size there as a literal
             cx.slot("reshape", node.name, lab, node, arg=arg)
         else:
-            cx.mark(lab, f"{describe(node)} gives a channel dim's size as a computed value "
-                         "(only integer literals and -1 can be rewritten)")
+            cx.mark(lab, f"{describe(node)} gives a channel dim's size as a value that changes with the input "
+                         "(only integer literals, -1 and values at static dims can be rewritten)")
+
+
+def _same(a: Label | None, b: Label) -> bool:
+    """``a`` and ``b`` name the same elements at every position (so their sizes stay equal when pruned)."""
+    return a is not None and len(a.ids) == len(b.ids) and bool(np.array_equal(a.ids, b.ids))
 
 
 # ------------------------------------------------------------------------------------------- indexing
+
+def _channel_slice(cx: Context, node: fx.Node, lab: Label, sl: slice, k: int | None) -> Label | None:
+    """``y[:, a:b]`` on a channel dim with non-negative integer bounds (a C2f block written with slicing): the
+    part keeps its positions' labels, and each bound is a ``slice`` slot over the positions before it, so
+    pruning writes the number kept there (``y[:, :c]`` / ``y[:, c:]`` stay the two halves). Steps, negative
+    or computed bounds make the channels unprunable."""
+    n = len(lab.ids)
+    bounds = (sl.start, sl.stop)
+    if sl.step is not None or not all(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 0)
+                                      for b in bounds):
+        cx.mark(lab, f"{describe(node)} slices a channel dim with a step, a negative or a computed bound")
+        return None
+    start = 0 if sl.start is None else min(sl.start, n)
+    stop = n if sl.stop is None else min(sl.stop, n)
+    for field, b in (("start", sl.start), ("stop", sl.stop)):
+        if b is not None and 0 < b < n:
+            cx.slot("slice", node.name, Label(lab.ids[:b]), node, arg=(1, k, field))
+    if stop <= start:
+        cx.mark(lab, f"{describe(node)} takes an empty slice of a channel dim")
+        return None
+    return Label(lab.ids[start:stop], lab.zero)
+
 
 def getitem(cx: Context, node: fx.Node) -> Labels:
     """``x[...]``: full slices, ``None`` and ``...`` move labels; picking or slicing a channel dim, or advanced
@@ -147,6 +183,11 @@ def getitem(cx: Context, node: fx.Node) -> Labels:
     x, index = node.args[0], node.args[1]
     if x in cx.shape_nodes:  # x.shape[i] / x.size()[i]
         _size_item(cx, node, cx.shape_nodes[x], index)
+        return {}
+    if x in cx.parts:  # one part of a split/chunk
+        if isinstance(index, int) and -len(cx.parts[x]) <= index < len(cx.parts[x]):
+            return dict(cx.parts[x][index])
+        cx.mark_all([x], f"{describe(node)} indexes the parts of a split with a computed index")
         return {}
     s = cx.shape(x)
     if s is None:
@@ -157,10 +198,12 @@ def getitem(cx: Context, node: fx.Node) -> Labels:
 
 
 def _size_item(cx: Context, node: fx.Node, labs: Labels, index) -> None:
+    """``x.shape[i]`` of a channel dim: a size value (:attr:`Context.sizes`); only a reshape that gives that same
+    dim its size may use it, anything else makes the channels unprunable (see registry.visit)."""
     if isinstance(index, int):
         d = norm_dim(index, len(cx.shape(node.args[0].args[0])))
         if d in labs:
-            cx.mark(labs[d], f"{describe(node)} reads the size of a channel dim (its value would change)")
+            cx.sizes[node] = labs[d]
     else:
         for lab in labs.values():
             cx.mark(lab, f"{describe(node)} reads the sizes of a channel tensor")
@@ -169,7 +212,7 @@ def _size_item(cx: Context, node: fx.Node, labs: Labels, index) -> None:
 def _index(cx: Context, node: fx.Node, s: tuple, inp: Labels, idx: tuple) -> Labels:
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     out, d, o = {}, 0, 0
-    for i in idx:
+    for k, i in enumerate(idx):
         if i is Ellipsis:
             for _ in range(len(s) - n_real):
                 if d in inp:
@@ -186,7 +229,9 @@ def _index(cx: Context, node: fx.Node, s: tuple, inp: Labels, idx: tuple) -> Lab
             if d in inp and full:
                 out[o] = inp[d]
             elif d in inp:
-                cx.mark(inp[d], f"{describe(node)} slices a channel dim")
+                part = _channel_slice(cx, node, inp[d], i, k if isinstance(node.args[1], tuple) else None)
+                if part is not None:
+                    out[o] = part
             d, o = d + 1, o + 1
         else:  # tensor / list / computed index: changes that dim and maybe others
             for lab in inp.values():
@@ -197,3 +242,6 @@ def _index(cx: Context, node: fx.Node, s: tuple, inp: Labels, idx: tuple) -> Lab
             out[o] = inp[d]
         d, o = d + 1, o + 1
     return out
+
+
+reshape.reads_sizes = True  # registry.visit: the rule checks size values itself (_literals)

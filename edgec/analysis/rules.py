@@ -447,6 +447,91 @@ def stack(cx: Context, node: fx.Node) -> Labels:
     return out
 
 
+# ------------------------------------------------------------------------------------------- splitting
+
+@register(torch.split, torch.chunk, "split", "chunk")
+def split(cx: Context, node: fx.Node) -> Labels:
+    """``split``/``chunk`` into parts (a tuple: :attr:`Context.parts`, read by ``getitem``). Other dims keep
+    their labels. A channel dim split by a list of integer sizes gives each part its slice of the label, and each
+    size is a literal rewritten on pruning (a C2f block's ``split((c, c), 1)``: the parts' channels couple with
+    wherever each part goes, and through a later ``cat`` with their offsets there). Equal parts (``chunk(n)``,
+    ``split(c)``) stay equal only if they lose the same units: position ``i`` of every part is one unit (like
+    GLU halves), and ``split(c)``'s ``c`` is rewritten."""
+    x = node.args[0]
+    s, inp = cx.shape(x), cx.lab(x)
+    sizes = arg(node, 1, "split_size_or_sections" if node.target in (torch.split, "split") else "chunks")
+    dim = arg(node, 2, "dim", 0)
+    if s is None or not isinstance(dim, int) or node.kwargs.get("split_size") is not None:
+        cx.mark_all([x], f"{describe(node)} is a split this analysis cannot follow")
+        return {}
+    dim = norm_dim(dim, len(s))
+    n = s[dim]
+    chunked = node.target in (torch.chunk, "chunk")
+    if isinstance(sizes, int) and not isinstance(sizes, bool) and sizes > 0:
+        per = -(-n // sizes) if chunked else sizes
+        widths = [min(per, n - i) for i in range(0, n, per)]
+    elif isinstance(sizes, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        widths = list(sizes)
+    else:
+        cx.mark_all([x], f"{describe(node)} splits with computed sizes")
+        return {}
+    if sum(widths) != n:
+        cx.mark_all([x], f"{describe(node)} has sizes that do not add up to the split dim")
+        return {}
+    lab = inp.get(dim)
+    parts, start = [], 0
+    for w in widths:
+        part = {d: la for d, la in inp.items() if d != dim}
+        if lab is not None:
+            part[dim] = Label(lab.ids[start:start + w], lab.zero)
+        parts.append(part)
+        start += w
+    if lab is not None and len(widths) > 1:
+        if isinstance(sizes, (list, tuple)):
+            where = 1 if len(node.args) > 1 else None
+            for i, part in enumerate(parts):
+                if where is None:
+                    cx.mark(lab, f"{describe(node)} gives its split sizes as a keyword")
+                    break
+                cx.slot("reshape", node.name, part[dim], node, arg=(where, i))
+        elif len(set(widths)) != 1:
+            cx.mark(lab, f"{describe(node)} splits a channel dim into unequal parts")
+        else:
+            for part in parts[1:]:
+                cx.unite(parts[0][dim], part[dim], node)
+            cx.event(lab, "split")
+            if not chunked:
+                if len(node.args) > 1:
+                    cx.slot("reshape", node.name, parts[0][dim], node, arg=(1,))
+                else:
+                    cx.mark(lab, f"{describe(node)} gives its split size as a keyword")
+    cx.parts[node] = parts
+    return {}
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+@register(torch.nn.functional.grid_sample)
+def grid_sample(cx: Context, node: fx.Node) -> Labels:
+    """``grid_sample(input [N, C, *spatial], grid [N, *out, k])``: each output channel interpolates the same
+    input channel (zeros stay zero, whatever the padding mode), so input channels pass to output dim 1. The
+    grid's last dim holds sampling coordinates: whatever produced them (a deformable attention's
+    sampling-offset head, whose width is heads x levels x points x 2) must never be pruned, so every channel
+    the grid carries is unprunable, as are labels on the input's batch or spatial dims."""
+    x, grid = arg(node, 0, "input"), arg(node, 1, "grid")
+    cx.mark_all([grid], f"{describe(node)} reads sampling coordinates from these channels (their widths encode "
+                        "geometry: heads x levels x points x 2)")
+    for n in flat_nodes((node.args[2:], {k: v for k, v in node.kwargs.items() if k not in ("input", "grid")})):
+        cx.mark_all([n], f"{describe(node)} takes a channel tensor as a parameter")
+    out = {}
+    for d, lab in cx.lab(x).items():
+        if d == 1:
+            out[1] = lab
+        else:
+            cx.mark(lab, f"{describe(node)} samples over a channel dim (only the input's dim 1 passes through)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- moving dims
 
 @register(torch.transpose, torch.swapaxes, "transpose", "swapaxes")
@@ -500,7 +585,8 @@ register(operator.getitem)(reshape_rules.getitem)
 
 @register("size")
 def size(cx: Context, node: fx.Node) -> Labels:
-    """``x.size()`` remembers which dims hold channels; ``x.size(c)`` of a channel dim is unprunable."""
+    """``x.size()`` remembers which dims hold channels; ``x.size(c)`` of a channel dim is a size value, usable
+    only as that same dim's size in a reshape (reshape._literals)."""
     x = node.args[0]
     inp = cx.lab(x)
     dim = arg(node, 1, "dim")
@@ -510,7 +596,7 @@ def size(cx: Context, node: fx.Node) -> Labels:
         return {}
     dim = norm_dim(dim, len(cx.shape(x)))
     if dim in inp:
-        cx.mark(inp[dim], f"{describe(node)} reads the size of a channel dim (its value would change)")
+        cx.sizes[node] = inp[dim]  # checked where it is used (registry.visit, reshape._literals)
     return {}
 
 
@@ -552,3 +638,8 @@ def _mark_outputs(cx: Context, node: fx.Node) -> None:
             cx.mark(lab, f"reaches the model output ({describe(n)})")
         for lab in cx.shape_nodes.get(n, {}).values():
             cx.mark(lab, f"its size reaches the model output ({describe(n)})")
+        if n in cx.sizes:
+            cx.mark(cx.sizes[n], f"its size reaches the model output ({describe(n)})")
+        for part in cx.parts.get(n, ()):
+            for lab in part.values():
+                cx.mark(lab, f"reaches the model output ({describe(n)})")

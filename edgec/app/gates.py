@@ -19,11 +19,12 @@ from edgec.core.errors import EdgecError, GateFailed, first_line
 
 # metric -> the tasks that measure it (a causal LM's accuracy is next-token top-1)
 HIGHER_IS_BETTER = {"accuracy": ("classification", "causal_lm"), "uar": ("classification",),
-                    "macro_f1": ("classification",), "ccc": ("regression",)}
+                    "macro_f1": ("classification",), "ccc": ("regression",),
+                    "map": ("detection",), "map50": ("detection",), "map75": ("detection",)}
 LOWER_IS_BETTER = ("mae", "rmse", "loss", "perplexity", "bits_per_byte")
 # The metric --max-metric-drop compares. For a causal LM it is next-token top-1 accuracy: a drop in a fraction,
 # like the classifiers' UAR (perplexity is unbounded and lower-is-better, so a "drop" in it has no fixed scale).
-PRIMARY = {"classification": "uar", "regression": "ccc", "causal_lm": "accuracy"}
+PRIMARY = {"classification": "uar", "regression": "ccc", "causal_lm": "accuracy", "detection": "map"}
 KIB = 1024
 LARGE_DROP = 0.05  # a measured primary-metric drop above this is "large damage"
 LARGE_DISAGREEMENT = 0.10  # one-shot estimate: more than this fraction of changed top-1 predictions

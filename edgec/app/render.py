@@ -588,7 +588,7 @@ def step_details(run: str, res: dict) -> str:
     if run == "export":
         return f"{human_bytes(res['file_bytes'])}, ORT parity {check_text(res['checks']['ort_parity'])}"
     if run == "eval":
-        shown = ("perplexity", "bits_per_byte", "accuracy", "uar", "ccc", "mae")
+        shown = ("perplexity", "bits_per_byte", "accuracy", "uar", "ccc", "mae", "map", "map50")
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items() if k in shown)
         lat = res.get("latency")
         return metrics + (f", {lat['median_ms']:.2f} ms (batch {lat['batch']})" if lat else "")

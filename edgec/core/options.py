@@ -28,8 +28,8 @@ _ARCH_HELP = ("Architecture: a zoo name, path/to/file.py:Class or package.module
 _STRICT = "Exit 2 when any layer is skipped (CI)."
 # Quality gates (edgec.app.gates): checked on the final artifact; a failed gate exits 1 and writes <output>.rejected
 _MIN_METRIC = ("Gate: the artifact must score at least this on the data's test (else val) split, e.g. uar=0.85 "
-               "(repeatable; accuracy, uar, macro_f1, ccc).")
-_MAX_DROP = ("Gate: the metric (those of --min-metric, else uar / ccc) may fall at most this much (absolute) below "
+               "(repeatable; accuracy, uar, macro_f1, ccc, map, map50, map75).")
+_MAX_DROP = ("Gate: the metric (those of --min-metric, else uar / ccc / map) may fall at most this much (absolute) below "
              "the input model's, on the same data and split.")
 _MAX_LATENCY = "Gate: the artifact's measured median onnxruntime latency (ms) must not exceed this."
 _MAX_SIZE = "Gate: the artifact's file must not exceed this many KiB (1024 bytes)."
@@ -110,7 +110,8 @@ class DataOptions:
 class FinetuneOptions(SourceOptions):
     """``edgec finetune MODEL --data D -o OUT``: the training run's options."""
 
-    data: str = _opt(None, "Audio folder with labels.csv, tensor file or package.module:function.", required=True)
+    data: str = _opt(None, "Audio folder with labels.csv (or an audio .csv: a label or a numeric value column), "
+                           "tensor file or package.module:function.", required=True)
     epochs: int = _opt(10, "Epochs.")
     batch_size: int = _opt(32, "Global batch size (split across processes).")
     lr: float = _opt(1e-3, "Peak learning rate (AdamW).")
@@ -253,7 +254,8 @@ _EXCLUDE_HELP = "Glob over layer names to skip (repeatable)."
 
 def _keep_first_last():
     return _opt(True, "Keep the first layer (when it reads the model input; after an embedding every Linear is "
-                      "quantized) and the last linear layer (classifier, LM head) in full precision.",
+                      "quantized) and the head of each model output (classifier, LM head; a detector's class "
+                      "and box heads) in full precision.",
                 cli=("--keep-first-last/--no-keep-first-last",))
 
 
@@ -352,8 +354,8 @@ class ExportOptions(SourceOptions):
 class EvalOptions(SourceOptions):
     """``edgec eval MODEL --data D``: the evaluation protocol's options."""
 
-    data: str = _opt(None, "Audio folder with labels.csv, tensor file (.pt/.npz/.safetensors) or "
-                           "package.module:function.", required=True)
+    data: str = _opt(None, "Audio folder with labels.csv (or an audio .csv with a value column: regression), "
+                           "tensor file (.pt/.npz/.safetensors) or package.module:function.", required=True)
     split: str = _opt("test", "Split to score (test falls back to val when absent).")
     threads: int = _opt(1, "onnxruntime intra-op threads for latency.")
     latency_batch: int = _opt(1, "Batch size for the latency run.")

@@ -199,6 +199,7 @@ class _LowBitParams(_Closed):
     exclude: Globs = []
     keep_first_last: StrictBool = True
     first_layer: Literal["input", "first-linear"] = "first-linear"  # absent in v1 records (edgec.passes.lowbit_common)
+    last_layer: Literal["heads", "last-linear"] = "last-linear"  # absent in v1/v2 records (edgec.passes.lowbit_common)
 
 
 class SttnParams(_LowBitParams):

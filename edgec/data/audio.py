@@ -1,6 +1,8 @@
 """Audio folders: ``labels.csv`` + 16-bit PCM WAV files -> fixed-size log-mel tensors.
 
-Columns ``path``, ``label`` (required), ``split``, ``speaker`` (optional). Without val rows a fraction of the
+Columns ``path``, ``label`` (required), ``split``, ``speaker`` (optional). A csv with a numeric ``value``
+column instead of ``label`` (any file name, e.g. ``arousal.csv`` beside ``labels.csv``) is a regression task:
+float32 targets, one per clip. Without val rows a fraction of the
 train speakers is held out, so validation never hears a training speaker. Features are cached by parameters
 and wav content. Rules and errors: see docs/architecture.md#data-and-imports.
 """
@@ -22,7 +24,7 @@ from edgec.data import features as F
 from edgec.data.bundle import DataBundle, TensorPairDataset, random_split_indices
 
 LABELS_CSV = "labels.csv"
-REQUIRED_COLUMNS = ("path", "label")
+TARGET_COLUMNS = ("label", "value")  # exactly one: class names (classification) or numbers (regression)
 OPTIONAL_COLUMNS = ("split", "speaker")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 FORMAT_TAGS = {
@@ -120,16 +122,21 @@ def read_labels(csv_path: str) -> tuple[list[Row], tuple[str, ...], bytes]:
         if header is None:
             raise EdgecError(f"{csv_path}: empty file (expected a header: path,label[,split][,speaker])")
         cols = tuple(c.strip().lower() for c in header)
-        bad = [c for c in cols if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+        bad = [c for c in cols if c not in ("path",) + TARGET_COLUMNS + OPTIONAL_COLUMNS]
         dup = sorted({c for c in cols if cols.count(c) > 1})
-        missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-        if bad or dup or missing:
+        missing = [c for c in ("path",) if c not in cols]
+        targets = [c for c in TARGET_COLUMNS if c in cols]
+        if bad or dup or missing or len(targets) != 1:
             why = (
-                f"unknown column '{bad[0]}'" if bad else f"duplicate column '{dup[0]}'" if dup else f"missing column '{missing[0]}'"
+                f"unknown column '{bad[0]}'" if bad else f"duplicate column '{dup[0]}'" if dup
+                else f"missing column '{missing[0]}'" if missing else "both 'label' and 'value'" if targets
+                else "missing column 'label' (or 'value' for regression)"
             )
             raise EdgecError(
-                f"{csv_path}: row {reader.line_num}: malformed header '{','.join(header)}' ({why}; expected path,label[,split][,speaker])"
+                f"{csv_path}: row {reader.line_num}: malformed header '{','.join(header)}' ({why}; expected "
+                f"path,label[,split][,speaker] or path,value[,split][,speaker])"
             )
+        target = targets[0]
         rows = []
         for rec in reader:
             line = reader.line_num
@@ -140,8 +147,9 @@ def read_labels(csv_path: str) -> tuple[list[Row], tuple[str, ...], bytes]:
             d = {c: v.strip() for c, v in zip(cols, rec)}
             if not d["path"]:
                 raise EdgecError(f"{csv_path}: row {line}: empty path")
-            if not d["label"]:
-                raise EdgecError(f"{csv_path}: row {line}: empty label")
+            if not d[target]:
+                raise EdgecError(f"{csv_path}: row {line}: empty {target}")
+            label = d[target] if target == "label" else _number(d[target], csv_path, line)
             split = "train"
             if "split" in d:
                 split = SPLIT_ALIASES.get(d["split"].lower())
@@ -152,12 +160,24 @@ def read_labels(csv_path: str) -> tuple[list[Row], tuple[str, ...], bytes]:
                 speaker = d["speaker"]
                 if not speaker:
                     raise EdgecError(f"{csv_path}: row {line}: empty speaker")
-            rows.append(Row(line, d["path"], d["label"], split, speaker))
+            rows.append(Row(line, d["path"], label, split, speaker))
     except csv.Error as e:
         raise EdgecError(f"{csv_path}: row {reader.line_num}: malformed CSV ({e})") from None
     if not rows:
         raise EdgecError(f"{csv_path}: no data rows after the header")
     return rows, cols, raw
+
+
+def _number(text: str, csv_path: str, line: int) -> float:
+    """A regression target: a finite decimal number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not np.isfinite(value):
+        raise EdgecError(f"{csv_path}: row {line}: value '{text}' is not a finite number (a 'value' column holds "
+                         f"regression targets)")
+    return value
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -287,9 +307,14 @@ def _cached_features(rows: list[Row], cache_dir: str, cache_path: str, params: d
     return feats, False
 
 
-def _splits(rows: list[Row], classes: list[str], feats: torch.Tensor, csv_path: str) -> dict:
-    index = {c: i for i, c in enumerate(classes)}
-    targets = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
+def _splits(rows: list[Row], classes: list[str] | None, feats: torch.Tensor, csv_path: str) -> dict:
+    """Per split the features and targets: class ids (int64), or the ``value`` column (float32) when
+    ``classes`` is None."""
+    if classes is None:
+        targets = torch.tensor([r.label for r in rows], dtype=torch.float64).to(torch.float32)
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        targets = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
     splits = {}
     for s in ("train", "val", "test"):
         idx = [i for i, r in enumerate(rows) if r.split == s]
@@ -299,6 +324,13 @@ def _splits(rows: list[Row], classes: list[str], feats: torch.Tensor, csv_path: 
     if "train" not in splits:
         raise EdgecError(f"{csv_path}: the train split is empty after holding out val (lower val_fraction)")
     return splits
+
+
+def _value_stats(values: list[float]) -> dict:
+    """n, mean, std (population), min and max of one split's regression targets."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max())}
 
 
 def load_audio_folder(
@@ -311,13 +343,17 @@ def load_audio_folder(
     seed: int = 0,
     cache_dir: str | None = None,
     normalize: str = "utterance",
+    csv_name: str = LABELS_CSV,
 ) -> DataBundle:
-    csv_path = os.path.join(folder, LABELS_CSV)
+    """The bundle of ``<folder>/<csv_name>``: classification with a ``label`` column, regression (float32
+    targets, ``task`` "regression") with a ``value`` column."""
+    csv_path = os.path.join(folder, csv_name)
     _check_options(folder, csv_path, sample_rate, n_mels, frames, normalize)
     rows, cols, csv_raw = read_labels(csv_path)
     has_speaker = "speaker" in cols
+    regression = "value" in cols
     _locate_wavs(rows, folder, csv_path)
-    classes = _train_classes(rows, csv_path)
+    classes = None if regression else _train_classes(rows, csv_path)
     notes = []
     note = _assign_val(rows, has_speaker, val_fraction, seed)
     if note:
@@ -332,25 +368,30 @@ def load_audio_folder(
     feats, from_cache = _cached_features(rows, cache_dir, cache_path, params, sample_rate, n_mels, frames, normalize,
                                          notes)
     splits = _splits(rows, classes, feats, csv_path)
-    counts = {s: dict.fromkeys(classes, 0) for s in splits}
-    for r in rows:
-        counts[r.split][r.label] += 1
     notes.append(f"features: log-mel {n_mels} x {frames} frames @ {sample_rate} Hz, normalize={normalize}"
                  f" ({'cache hit' if from_cache else 'computed'})")
+    if regression:
+        targets = {"target_dim": 1, "value_stats": {s: _value_stats([r.label for r in rows if r.split == s])
+                                                    for s in splits}}
+    else:
+        counts = {s: dict.fromkeys(classes, 0) for s in splits}
+        for r in rows:
+            counts[r.split][r.label] += 1
+        targets = {"class_counts": counts}
     return DataBundle(
-        task="classification",
+        task="regression" if regression else "classification",
         classes=classes,
-        num_classes=len(classes),
+        num_classes=None if regression else len(classes),
         splits=splits,
         digest=digest,
-        source=folder,
+        source=folder if csv_name == LABELS_CSV else csv_path,
         kind="audio folder",
         meta={
             "features": params,
             "features_digest": features_digest,
             "cache_path": cache_path,
             "from_cache": from_cache,
-            "class_counts": counts,
+            **targets,
             "speakers": {s: sorted({r.speaker for r in rows if r.split == s}) for s in splits} if has_speaker else None,
             "paths": {s: [r.path for r in rows if r.split == s] for s in splits},
             "notes": notes,

@@ -100,8 +100,8 @@ def split_dataset(ds: Dataset, val_fraction: float, seed: int) -> dict[str, Data
 class DataBundle:
     """What `load_data` returns.
 
-    task: "classification" | "regression" | "causal_lm"; classes: class names (classification) else None;
-    num_classes: len(classes) for classification, else None (see `output_dim`);
+    task: "classification" | "regression" | "causal_lm" | "detection"; classes: class names (classification) else None;
+    num_classes: len(classes) for classification and detection, else None (see `output_dim`);
     splits: {"train"|"val"|"test": Dataset of (input_tensor, target)}; digest: sha256 hex of the data
     (file contents + feature params + split params); meta: plain-data details for provenance.
     """
@@ -133,7 +133,7 @@ class DataBundle:
     def output_dim(self) -> int:
         """Width of the model output: num_classes, the vocabulary for causal LMs, or the target width for
         regression."""
-        if self.task == "classification":
+        if self.task in ("classification", "detection"):
             return int(self.num_classes)
         if self.task == "causal_lm":
             return int(self.meta["vocab_size"])
@@ -167,6 +167,12 @@ class DataBundle:
             tokens, nbytes = self.meta.get("tokens", {}), self.meta.get("bytes", {})
             sizes = ", ".join(f"{k} {len(v)} blocks ({tokens.get(k, '?'):,} tokens"
                               + (f", {nbytes[k]:,} bytes" if k in nbytes else "") + ")" for k, v in self.splits.items())
+        elif self.task == "detection":
+            task = f"detection, {self.num_classes} classes [{', '.join((self.classes or [])[:8])}" \
+                   f"{', ...' if len(self.classes or []) > 8 else ''}], at most {self.meta.get('max_objects', '?')} " \
+                   "objects per image"
+            objects = self.meta.get("objects", {})
+            sizes = ", ".join(f"{k} {len(v)} images ({objects.get(k, '?')} objects)" for k, v in self.splits.items())
         else:
             task = f"regression, {self.output_dim} target(s)"
         lines = [

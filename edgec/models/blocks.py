@@ -122,14 +122,17 @@ def positional_encoding(kind: str, d_model: int, max_len: int = 2048) -> nn.Modu
     raise ValueError(f"unknown positional encoding '{kind}'; known: sinusoidal, learned, none")
 
 
-def speech_input_spec(n_mels: int, *, time_min: int = 16, time_max: int = 2048, extra: dict | None = None):
-    """The shared spec of the speech zoo: ``features`` (batch, time, n_mels) float32 log-mel -> ``logits``."""
+def speech_input_spec(n_mels: int, *, time_min: int = 16, time_max: int = 2048, extra: dict | None = None,
+                      num_classes: int | None = None):
+    """The shared spec of the speech zoo: ``features`` (batch, time, n_mels) float32 log-mel -> ``logits``.
+    Task "classification", or "regression" when ``num_classes`` is 1 (one output: a dimension such as arousal,
+    as Hugging Face reads ``num_labels == 1``; a one-class classifier would be meaningless)."""
     batch = Dim("batch", example=2, alt=3, min=1, max=1024)
     time = Dim("time", example=200, alt=137, min=time_min, max=time_max)
     return InputSpec(
         inputs=(TensorSpec("features", (batch, time, n_mels)),),
         outputs=("logits",),
-        task="classification",
+        task="regression" if num_classes == 1 else "classification",
         extra={"features": "log-mel", "n_mels": n_mels, **(extra or {})},
     )
 

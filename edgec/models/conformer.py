@@ -112,7 +112,8 @@ class Conformer(nn.Module):
 
     def input_spec(self):
         # Subsampling needs at least 7 frames; 16 keeps a few frames for attention and the depthwise conv.
-        return speech_input_spec(self.n_mels, time_min=16, time_max=2048)
+        return speech_input_spec(self.n_mels, time_min=16, time_max=2048,
+                                 num_classes=self.classifier.out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.pos(self.subsampling(features)))

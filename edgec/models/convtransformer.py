@@ -92,7 +92,7 @@ class ConvTransformer(nn.Module):
     def input_spec(self):
         # Learned positions bound the (subsampled) length by max_len.
         time_max = 2048 if self.pos_encoding != "learned" else min(2048, self.max_len * 2**self.num_strided)
-        return speech_input_spec(self.n_mels, time_max=time_max)
+        return speech_input_spec(self.n_mels, time_max=time_max, num_classes=self.classifier.out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.frontend(features.transpose(1, 2)).transpose(1, 2)  # (B, T', d)

@@ -111,7 +111,7 @@ class HAFFormer(nn.Module):
 
     def input_spec(self):
         # ceil_mode pooling keeps at least one token per level, so even a single frame is valid.
-        return speech_input_spec(self.n_mels, time_min=1, time_max=2048)
+        return speech_input_spec(self.n_mels, time_min=1, time_max=2048, num_classes=self.classifier.out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.levels[0](self.embed(features))

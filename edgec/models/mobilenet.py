@@ -105,7 +105,7 @@ class MobileNet(nn.Module):
 
     def input_spec(self):
         # "Same" padding everywhere: a single frame is valid.
-        return speech_input_spec(self.n_mels, time_min=1, time_max=2048)
+        return speech_input_spec(self.n_mels, time_min=1, time_max=2048, num_classes=self.classifier.out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.head(self.blocks(self.stem(features.unsqueeze(1))))

@@ -27,10 +27,12 @@ ZOO: dict[str, str] = {
     "convtransformer": "edgec.models.convtransformer:ConvTransformer",
     "conformer": "edgec.models.conformer:Conformer",
     "hafformer": "edgec.models.hafformer:HAFFormer",
+    "speechformer": "edgec.models.speechformer:SpeechFormer",
     "resnet": "edgec.models.resnet:ResNet",
     "mobilenet": "edgec.models.mobilenet:MobileNet",
     "bert": "edgec.models.bert:Bert",
     "llama": "edgec.models.llama:Llama",
+    "lwdetr": "edgec.models.lwdetr:LWDETR",
 }
 
 

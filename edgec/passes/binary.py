@@ -32,15 +32,18 @@ class BinaryScaffold(LowBitScaffoldPass):
     """Make every selected Conv/Linear a binary layer (sign·α) whose latent weights also run a real path."""
 
     name = "scaffold.binary"
-    version = 2  # v2: first_layer (v1 records replay with the first-linear rule)
+    version = 3  # v2: first_layer (v1 records replay with the first-linear rule); v3: last_layer (v1/v2
+    # records replay with the last-linear rule)
     scaffold_fold = "fold.binary"
     kind = "binary"
     label = "binary"
     activations = ("none", "binary")
 
     def __init__(self, activations: str = "none", latent_weight=(0.5, 0.5), include=("*",), exclude=(),
-                 keep_first_last: bool = True, clip: float = 1.0, first_layer: str | None = None):
-        params = self.common_params(include, exclude, keep_first_last, activations, first_layer)
+                 keep_first_last: bool = True, clip: float = 1.0, first_layer: str | None = None,
+                 last_layer: str | None = None):
+        params = self.common_params(include, exclude, keep_first_last, activations, first_layer,
+                                    last_layer)
         params["latent_weight"] = _latent_weight(latent_weight, self.name)
         params["clip"] = as_float(clip, self.name, "clip", minimum=0.0, strict=True)
         Pass.__init__(self, **params)

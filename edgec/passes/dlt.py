@@ -17,7 +17,8 @@ class DLTScaffold(LowBitScaffoldPass):
     """Make every selected Conv/Linear a DLT layer (ternary codes, learnable per-group α and γ)."""
 
     name = "scaffold.dlt"
-    version = 2  # v2: first_layer (v1 records replay with the first-linear rule)
+    version = 3  # v2: first_layer (v1 records replay with the first-linear rule); v3: last_layer (v1/v2
+    # records replay with the last-linear rule)
     scaffold_fold = "fold.dlt"
     kind = "dlt"
     label = "DLT"
@@ -25,8 +26,10 @@ class DLTScaffold(LowBitScaffoldPass):
 
     def __init__(self, group_size: int = 128, include=("*",), exclude=(), keep_first_last: bool = True,
                  activations: str = "none", shift_init: str = "zero", clip: float = 1.5,
-                 first_layer: str | None = None):
-        params = self.common_params(include, exclude, keep_first_last, activations, first_layer)
+                 first_layer: str | None = None,
+                 last_layer: str | None = None):
+        params = self.common_params(include, exclude, keep_first_last, activations, first_layer,
+                                    last_layer)
         params["group_size"] = as_int(group_size, self.name, "group_size", minimum=0)
         params["shift_init"] = as_choice(shift_init, ("zero", "mean"), self.name, "shift_init")
         params["clip"] = as_float(clip, self.name, "clip", minimum=0.0, strict=True)

@@ -9,9 +9,16 @@ in eval mode (exact, verified at 1e-5). Selection rules: see docs/methods.md#sha
 ``first_layer="input"``): the first Conv/Linear in graph order is kept when no weight-holding module (an
 embedding table, a recurrent layer, another weight layer) or weight parameter lies on a path from a model
 input to it. In a token model (decoder LM, BERT) the first layer is the embedding lookup, already fp32, so
-every Linear of the blocks is quantized; the last linear layer (classifier, LM head) stays fp32 unless
+every Linear of the blocks is quantized; the output heads (classifier, LM head; see below) stay fp32 unless
 ``keep_first_last=False``. Records written before the rule existed carry no ``first_layer`` and replay with
 the rule they were made with, ``"first-linear"`` (the first Conv/Linear in graph order, whatever precedes it).
+
+What it keeps at the other end is the *head of each model output* (rule ``last_layer="heads"``): for every
+graph output, the weight layers from which that output is reached through weight-free ops only, and of those
+the last in graph order (a residual stream reaches an output from every block's projections; the last one is
+the head). A classifier or LM keeps its one head, a detector its class head and its box head. Records written
+before the rule (scaffold versions 1 and 2) carry no ``last_layer`` and replay with ``"last-linear"``: the last
+linear layer in graph order, wherever its output goes.
 """
 from __future__ import annotations
 
@@ -43,6 +50,10 @@ LOWBIT = "already low-bit"  # weight_layers' reason for a scaffold or deploy lay
 # "first-linear" (the first Conv/Linear in graph order: the rule of records written without ``first_layer``).
 FIRST_LAYER_RULES = ("input", "first-linear")
 LEGACY_FIRST_LAYER = "first-linear"
+# What it calls the last layers: "heads" (the head of each model output) or "last-linear" (the last linear layer
+# in graph order: the rule of records written without ``last_layer``).
+LAST_LAYER_RULES = ("heads", "last-linear")
+LEGACY_LAST_LAYER = "last-linear"
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -161,9 +172,42 @@ def weighted_ancestors(gm: nn.Module, name: str) -> list[str]:
     return [str(n.target) for n in sorted(found, key=order.__getitem__)]
 
 
-def _first_last(model: Model, layers: list, rule: str) -> tuple[dict[str, str], dict]:
-    """The layers ``keep_first_last`` keeps full precision — the first weight layer (under ``rule``, see the
-    module docstring) and the last linear one — and a note on the first layer for the selection check."""
+def output_heads(gm: nn.Module, layer_names: set[str]) -> list[tuple[int, str | None]]:
+    """Per graph output (in order): ``(position, head)``, the head being the last weight holder in graph order
+    from which that output is reached through weight-free ops only (a call of a module with a matrix-like
+    weight, or a ≥2-D parameter read by the graph, stops the walk) when it is one of ``layer_names``; None when
+    that last holder is something else (an embedding, a functional weight) or when no weight reaches the output."""
+    modules = dict(gm.named_modules())
+    params = dict(gm.named_parameters())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outputs: list = []
+    torch.fx.node.map_arg(out_node.args, outputs.append)
+    heads = []
+    for pos, value in enumerate(outputs):
+        seen, stack, found = set(), [value], []
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            key = str(node.target)
+            layer = node.op == "call_module" and key in modules and has_matrix_weight(modules[key])
+            if layer or (node.op == "get_attr" and key in params and params[key].dim() >= 2):
+                found.append(node)
+                continue
+            stack.extend(node.all_input_nodes)
+        last = max(found, key=order.__getitem__, default=None)
+        head = str(last.target) if last is not None and last.op == "call_module" else None
+        heads.append((pos, head if head in layer_names else None))
+    return heads
+
+
+def _first_last(model: Model, layers: list, rule: str, last_rule: str = LEGACY_LAST_LAYER
+                ) -> tuple[dict[str, str], dict]:
+    """The layers ``keep_first_last`` keeps full precision — the first weight layer (under ``rule``) and the
+    output heads (under ``last_rule``; see the module docstring) — and a note on the first layer for the
+    selection check."""
     kept: dict[str, str] = {}
     note: dict = {}
     if layers:
@@ -176,9 +220,22 @@ def _first_last(model: Model, layers: list, rule: str) -> tuple[dict[str, str], 
                               "already full precision)")
         else:
             kept[first] = "first layer kept fp32 (--keep-first-last)"
-        linear = [n for n, m, _ in layers if _is_linear_like(m)]
-        if linear and linear[-1] not in kept:
-            kept[linear[-1]] = "last linear layer kept fp32 (--keep-first-last)"
+        if last_rule == "heads":
+            by_name = {n: m for n, m, _ in layers}
+            heads = output_heads(model.gm, set(by_name))
+            for pos, head in heads:
+                if head is None or head in kept:
+                    continue
+                if len(heads) > 1:
+                    kept[head] = f"head of model output {pos} kept fp32 (--keep-first-last)"
+                elif _is_linear_like(by_name[head]):
+                    kept[head] = "last linear layer kept fp32 (--keep-first-last)"
+                else:
+                    kept[head] = "output head kept fp32 (--keep-first-last)"
+        else:
+            linear = [n for n, m, _ in layers if _is_linear_like(m)]
+            if linear and linear[-1] not in kept:
+                kept[linear[-1]] = "last linear layer kept fp32 (--keep-first-last)"
     return kept, note
 
 
@@ -226,7 +283,8 @@ def select_layers(model: Model, params: dict, pass_name: str) -> Selection:
     ``params["first_layer"]`` (absent: the legacy rule) says what the first layer is (module docstring)."""
     layers = weight_layers(model)
     rule = params.get("first_layer", LEGACY_FIRST_LAYER)
-    kept, note = _first_last(model, layers, rule) if params["keep_first_last"] else ({}, {})
+    last_rule = params.get("last_layer", LEGACY_LAST_LAYER)
+    kept, note = _first_last(model, layers, rule, last_rule) if params["keep_first_last"] else ({}, {})
     include, exclude = params["include"], params["exclude"]
     chosen, reasons = [], {}
     for name, m, why in layers:
@@ -277,23 +335,31 @@ class LowBitScaffoldPass(Pass):
     label = ""  # for summaries: "STTN", "DLT", "binary"
     activations: tuple = ("none",)
 
-    def common_params(self, include, exclude, keep_first_last, activations, first_layer=None) -> dict:
-        """The selection parameters. ``first_layer`` None: "input" for a new scaffold, while a replayed record
-        without it (written before the rule existed) keeps the rule it was made with (see :meth:`rule_params`)."""
+    def common_params(self, include, exclude, keep_first_last, activations, first_layer=None,
+                      last_layer=None) -> dict:
+        """The selection parameters. ``first_layer``/``last_layer`` None: "input"/"heads" for a new scaffold,
+        while a replayed record without them (written before the rules existed) keeps the rules it was made with
+        (see :meth:`rule_params`)."""
         self.first_layer_given = first_layer is not None
+        self.last_layer_given = last_layer is not None
         return {"include": as_globs(include, self.name, "include"),
                 "exclude": as_globs(exclude, self.name, "exclude"),
                 "keep_first_last": as_bool(keep_first_last, self.name, "keep_first_last"),
                 "first_layer": as_choice("input" if first_layer is None else first_layer, FIRST_LAYER_RULES,
                                          self.name, "first_layer"),
+                "last_layer": as_choice("heads" if last_layer is None else last_layer, LAST_LAYER_RULES,
+                                        self.name, "last_layer"),
                 "activations": as_choice(activations, self.activations, self.name, "activations")}
 
     def rule_params(self, replay: bool) -> dict:
-        """The parameters selection runs with: a replayed record that does not name ``first_layer`` used the
-        legacy rule."""
+        """The parameters selection runs with: a replayed record that does not name ``first_layer`` (v1) or
+        ``last_layer`` (v1, v2) used the legacy rule."""
+        params = self.params
         if replay and not getattr(self, "first_layer_given", True):
-            return {**self.params, "first_layer": LEGACY_FIRST_LAYER}
-        return self.params
+            params = {**params, "first_layer": LEGACY_FIRST_LAYER}
+        if replay and not getattr(self, "last_layer_given", True):
+            params = {**params, "last_layer": LEGACY_LAST_LAYER}
+        return params
 
     def make_layer(self, name: str, layer: nn.Module, index: int, replay: bool) -> LatentLayer:
         raise NotImplementedError

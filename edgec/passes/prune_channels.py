@@ -2,7 +2,7 @@
 
 ``keep = {group: [kept unit indices]}`` (indices, so replaying the record on load rebuilds the same structure).
 Producers lose output rows, consumers input columns, per-channel layers their channels, and the view/reshape
-literals that count units are rewritten. Check: the pruned model equals its input with the removed units
+and split literals that count units (and slice bounds on a channel dim) are rewritten. Check: the pruned model equals its input with the removed units
 zeroed (see docs/methods.md#coupled-channel-groups).
 
 The output's ``config`` records the real widths: ``config["pruned_widths"] = {group: units}`` for every group
@@ -87,6 +87,19 @@ def _set_literal(node, arg: tuple, value: int) -> None:
     node.args = tuple(args)
 
 
+def _set_slice_bound(node, arg: tuple, value: int) -> None:
+    """Set the ``start``/``stop`` (``arg[2]``) of the slice at ``node.args[arg[0]]`` (item ``arg[1]`` of an
+    index tuple, or the slice itself when None) to ``value``."""
+    args = list(node.args)
+    index = args[arg[0]]
+    items = list(index) if arg[1] is not None else [index]
+    where = arg[1] if arg[1] is not None else 0
+    sl = items[where]
+    items[where] = slice(value, sl.stop, sl.step) if arg[2] == "start" else slice(sl.start, value, sl.step)
+    args[arg[0]] = tuple(items) if arg[1] is not None else items[0]
+    node.args = tuple(args)
+
+
 def apply_keep(model: Model, keep: dict, analysis=None) -> dict:
     """Slice ``model`` in place to ``keep`` (validated); return ``{group: [size before, size after]}`` for the
     groups that lose units. ``analysis``: ``analyse(model)`` when the caller has it."""
@@ -102,6 +115,8 @@ def apply_keep(model: Model, keep: dict, analysis=None) -> dict:
             continue  # untouched: modules that lose nothing are left as they are
         if s.kind == "reshape":
             _set_literal(nodes[s.target], s.arg, len(kept))
+        elif s.kind == "slice":
+            _set_slice_bound(nodes[s.target], s.arg, len(kept))
         else:
             cuts.setdefault(s.target, {})[s.kind] = kept
     for target, c in cuts.items():

@@ -17,15 +17,18 @@ class STTNScaffold(LowBitScaffoldPass):
     """Make every selected Conv/Linear an STTN layer (two latent binary kernels, optional ternary activations)."""
 
     name = "scaffold.sttn"
-    version = 2  # v2: first_layer (v1 records replay with the first-linear rule)
+    version = 3  # v2: first_layer (v1 records replay with the first-linear rule); v3: last_layer (v1/v2
+    # records replay with the last-linear rule)
     scaffold_fold = "fold.sttn"
     kind = "sttn"
     label = "STTN"
     activations = ("none", "ternary")
 
     def __init__(self, activations: str = "none", include=("*",), exclude=(), keep_first_last: bool = True,
-                 seed: int = 0, clip: float = 1.96, first_layer: str | None = None):
-        params = self.common_params(include, exclude, keep_first_last, activations, first_layer)
+                 seed: int = 0, clip: float = 1.96, first_layer: str | None = None,
+                 last_layer: str | None = None):
+        params = self.common_params(include, exclude, keep_first_last, activations, first_layer,
+                                    last_layer)
         params["seed"] = as_int(seed, self.name, "seed")
         params["clip"] = as_float(clip, self.name, "clip", minimum=0.0, strict=True)
         Pass.__init__(self, **params)

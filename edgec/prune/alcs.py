@@ -18,7 +18,7 @@ from edgec.latency.model import LatencyModel
 from edgec.latency.table import normalise_patterns
 from edgec.prune.sensitivity import taylor_scores
 from edgec.train.loop import collate, preflight
-from edgec.train.losses import first_output, task_loss
+from edgec.train.losses import model_output, task_loss
 
 EXIT_INFEASIBLE = 4  # the budget is below what the latency table says is reachable
 EXIT_BUDGET_MISSED = 5  # the exported model still measured over the budget after the retries
@@ -500,19 +500,20 @@ def _check_admm_args(data, epochs: int, rho: float) -> None:
         raise EdgecError(f"admm epochs must be >= 1 (got {epochs})")
     if not (rho >= 0 and math.isfinite(rho)):
         raise EdgecError(f"rho must be a finite number >= 0 (got {rho})")
-    if data.task not in ("classification", "regression"):
-        raise EdgecError(f"cannot train on a '{data.task}' task (expected classification or regression)")
+    if data.task not in ("classification", "regression", "detection"):
+        raise EdgecError(f"cannot train on a '{data.task}' task (expected classification, regression or detection)")
 
 
 def _w_step(gm, params: dict, z: dict, u: dict, train_ds, task: str, opt, gen, batch_size: int, rho: float,
-            grad_clip: float, r: int) -> tuple[float, float, int]:
-    """One epoch of Adam on task loss + ρ/2 Σ‖W − Z + U‖²; returns (task loss sum, penalty sum, examples)."""
+            grad_clip: float, r: int, queries: int | None = None) -> tuple[float, float, int]:
+    """One epoch of Adam on task loss + ρ/2 Σ‖W − Z + U‖²; returns (task loss sum, penalty sum, examples).
+    Detection: the set-prediction loss over the ``(logits, boxes)`` outputs, ``queries`` per query group."""
     gm.train()
     loss_sum, pen_sum, count = 0.0, 0.0, 0
     for idx in _batches(len(train_ds), int(batch_size), gen):
         x, y = collate(train_ds, idx.tolist())
         out = gm(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)))
-        lt = task_loss(first_output(out), y, task)
+        lt = task_loss(model_output(out, task), y, task, queries=queries)
         pen = sum(((params[n] - z[n] + u[n]) ** 2).sum() for n in params)
         loss = lt + 0.5 * rho * pen
         value = float(loss.detach())
@@ -552,7 +553,9 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
     analysis = analyse(student)
     groups = table_groups(lm, analysis)
     train_ds = data.split("train")
-    preflight(student, data, data.split("val") if data.has_split("val") else train_ds, torch.device("cpu"), "model")
+    # a detection model's query count at inference: the query-group size of the train-mode outputs
+    queries = preflight(student, data, data.split("val") if data.has_split("val") else train_ds, torch.device("cpu"),
+                        "model")
     modules = dict(gm.named_modules())
     names = list(dict.fromkeys(n for g in groups for n in producer_names(g)))
     params = {n: modules[n].weight for n in names}
@@ -573,7 +576,7 @@ def admm(model, data, table, target_ms: float, *, patterns=("channel",), epochs:
         opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
         for r in range(int(epochs)):
             loss_sum, pen_sum, count = _w_step(gm, params, z, u, train_ds, data.task, opt, gen, batch_size, rho,
-                                               grad_clip, r)
+                                               grad_clip, r, queries=queries)
             w = {n: p.detach().clone() for n, p in params.items()}
             wu = {n: w[n] + u[n] for n in names}
             alloc = allocate_on(wu, r + 1)

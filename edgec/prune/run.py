@@ -33,7 +33,7 @@ from edgec.prune.alcs import EXIT_BUDGET_MISSED, EXIT_INFEASIBLE
 from edgec.prune.result import PruneResult
 from edgec.prune.search import GUARD, cached, search_target
 from edgec.prune.sensitivity import resolve_importance, taylor_scores
-from edgec.train.job import data_name
+from edgec.train.job import data_name, image_size
 from edgec.train.loop import finetune
 from edgec.train.record import finetune_record
 
@@ -211,7 +211,8 @@ def _load_bundle(options: PruneOptions, model):
     opts = options.data_options.to_kwargs()
     if isinstance(model.config.get("n_mels"), int):
         opts.setdefault("n_mels", model.config["n_mels"])
-    return load_data(os.fspath(data), **opts), data_name(data)
+    size = image_size(model.spec)  # a detection folder's images are resized to the model's input
+    return load_data(os.fspath(data), **opts, **({"image_size": size} if size else {})), data_name(data)
 
 
 def _load(input_path, output, options: PruneOptions, say) -> _Run:

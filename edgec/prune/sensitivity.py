@@ -29,7 +29,7 @@ import torch
 
 from edgec.core.errors import EdgecError
 from edgec.train.loop import collate
-from edgec.train.losses import first_output, task_loss
+from edgec.train.losses import model_output, task_loss
 
 TAYLOR_BATCHES = 8  # held-out batches averaged (enough to rank units; each is one forward + backward)
 TAYLOR_BATCH_SIZE = 32
@@ -80,7 +80,7 @@ def taylor_scores(model, data, analysis, groups, *, seed: int = 0, batches: int 
         x, y = collate(ds, idx)
         gm.zero_grad(set_to_none=True)
         out = gm(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)))
-        task_loss(first_output(out), y, data.task).backward()
+        task_loss(model_output(out, data.task), y, data.task, queries=model.spec.extra.get("queries")).backward()
         per_batch = {gi: np.zeros_like(t) for gi, t in totals.items()}
         for s in slots:
             m = modules[s.target]

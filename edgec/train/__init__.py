@@ -3,6 +3,7 @@
 
     best, report = finetune(model, bundle, epochs=10, resume_file="run.resume")
 """
+from edgec.train.detection import detection_loss, hungarian_match
 from edgec.train.distill import block_names, feature_extractor, find_teacher, off_loss, resolve_layers
 from edgec.train.distributed import is_main_process
 from edgec.train.job import finetune_file
@@ -14,10 +15,12 @@ __all__ = [
     "TrainingInterrupted",
     "WarmupCosine",
     "block_names",
+    "detection_loss",
     "feature_extractor",
     "find_teacher",
     "finetune",
     "finetune_file",
+    "hungarian_match",
     "is_main_process",
     "kd_loss",
     "off_loss",

@@ -93,14 +93,25 @@ def _load_training_data(info, model, options: FinetuneOptions):
         D.barrier(info)
     if isinstance(model.config.get("n_mels"), int):
         opts.setdefault("n_mels", model.config["n_mels"])  # featurise audio for the model's front-end
-    # text: blocks of --block-size tokens, by default 128 capped at the model's longest sequence
-    data = load_data(os.fspath(options.data), **opts, max_block_size=max_sequence(model.spec))
+    # text: blocks of --block-size tokens, by default 128 capped at the model's longest sequence; detection
+    # folders: images resized to the model's input size
+    size = image_size(model.spec)
+    data = load_data(os.fspath(options.data), **opts, max_block_size=max_sequence(model.spec),
+                     **({"image_size": size} if size is not None else {}))
     if info.is_main:
         D.barrier(info)
     check_fits(data, model.spec, f"the model ({model.arch})")
     if data.task == "causal_lm":
         opts["block_size"] = int(data.meta["block_size"])  # recorded as resolved: eval packs the same blocks
     return data, opts
+
+
+def image_size(spec) -> int | None:
+    """A detection model's square input size S (its first input is [batch, 3, S, S]), else None."""
+    if getattr(spec, "task", None) != "detection" or not spec.inputs:
+        return None
+    dims = spec.inputs[0].dims
+    return int(dims[-1]) if len(dims) == 4 and isinstance(dims[-1], int) and dims[-1] == dims[-2] else None
 
 
 def _train(model, data, tmodel, mode: str, options: FinetuneOptions, rfile: Path, progress):

@@ -1,5 +1,7 @@
 """The fine-tuning loop: AdamW, linear warm-up + cosine decay, gradient clipping, per-epoch validation,
-keep-best, exact resume, logits/OFF distillation, binary latent-weight supervision, DDP under torchrun.
+keep-best, exact resume, logits/OFF distillation, binary latent-weight supervision, DDP under torchrun. Tasks:
+classification, regression, causal_lm and detection (the set-prediction loss of :mod:`edgec.train.detection`
+over the train-mode query groups; val mAP in eval mode).
 
 ``_finetune`` runs as named steps (set-up, resume, epochs of training steps, validation and keep-best,
 report); their order of RNG use and float ops is part of the result, so ``resume=True`` ends bit-identical
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from edgec.core.detection_metrics import detection_metrics, postprocess, targets_from_items
 from edgec.core.errors import EdgecError
 from edgec.core.graph import Model
 from edgec.core.metrics import classification_metrics, regression_metrics
@@ -31,11 +34,12 @@ from edgec.models.checkpoint import load_state_dict_strict
 from edgec.train import distill as DS
 from edgec.train import distributed as D
 from edgec.train import fsdp as F
-from edgec.train.losses import FeatureTap, combined_loss, first_output, task_loss
+from edgec.train.detection import group0_features, group_count
+from edgec.train.losses import FeatureTap, combined_loss, first_output, model_output, task_loss
 from edgec.train.resume import load_resume, rng_state, save_resume, seed_all, set_rng_state
 
 LOOP_VERSION = 1
-MONITOR = {"classification": "uar", "regression": "ccc", "causal_lm": "perplexity"}
+MONITOR = {"classification": "uar", "regression": "ccc", "causal_lm": "perplexity", "detection": "map"}
 LOWER_IS_BETTER = frozenset({"perplexity"})  # monitored metrics where a smaller value is the better epoch
 
 
@@ -99,10 +103,13 @@ def _args(x) -> tuple:
 def evaluate(gm: torch.nn.Module, ds: Dataset, task: str, num_classes: int | None, batch_size: int,
              device: torch.device) -> dict:
     """Val metrics in eval mode: classification accuracy/uar/macro_f1, regression ccc/mae, plus ``loss``;
-    causal_lm: ``perplexity`` (exp of the loss), next-token top-1 ``accuracy`` and ``loss`` per token."""
+    causal_lm: ``perplexity`` (exp of the loss), next-token top-1 ``accuracy`` and ``loss`` per token;
+    detection: COCO ``map``/``map50``/``map75`` and ``loss`` per object."""
     gm.eval()
     if task == "causal_lm":
         return _evaluate_lm(gm, ds, batch_size, device)
+    if task == "detection":
+        return _evaluate_detection(gm, ds, num_classes, batch_size, device)
     preds, targets = [], []
     loss_sum, count = 0.0, 0
     n = len(ds)
@@ -138,6 +145,26 @@ def _evaluate_lm(gm: torch.nn.Module, ds: Dataset, batch_size: int, device: torc
     return {"perplexity": perplexity(loss), "accuracy": hits / max(1, count), "loss": loss}
 
 
+def _evaluate_detection(gm: torch.nn.Module, ds: Dataset, num_classes: int | None, batch_size: int,
+                        device: torch.device) -> dict:
+    """Detection validation in eval mode (one query group): COCO-style mAP of the top-100 (query, class) scores
+    per image (:mod:`edgec.core.detection_metrics`) and the set loss summed over images per object."""
+    preds, targets = [], []
+    loss_sum, objects = 0.0, 0
+    n = len(ds)
+    for start in range(0, n, batch_size):
+        x, y = collate(ds, list(range(start, min(n, start + batch_size))))
+        x, y = _to(x, device), y.to(device)
+        logits, boxes = model_output(gm(*_args(x)), "detection")
+        loss_sum += float(task_loss((logits, boxes), y, "detection", reduction="sum"))
+        objects += int((y[..., 0] >= 0).sum())
+        preds += postprocess(logits.detach().float().cpu().numpy(), boxes.detach().float().cpu().numpy())
+        targets += targets_from_items(y.cpu().numpy())
+    metrics = detection_metrics(preds, targets)
+    metrics["loss"] = loss_sum / max(1, objects)
+    return metrics
+
+
 def perplexity(loss_per_token: float) -> float:
     """``exp(mean NLL per token)``; inf (not an OverflowError) for a diverged model."""
     return math.exp(loss_per_token) if loss_per_token < 709.0 else math.inf
@@ -156,9 +183,14 @@ def is_better(score: float, loss: float, best: dict | None, lower: bool = False)
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) -> None:
-    """Run two val examples through the model: clear errors for wrong input shapes or output widths."""
+def preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) -> int | None:
+    """Run two val examples through the model: clear errors for wrong input shapes or output widths. Returns a
+    detection model's query count at inference (eval mode), else None."""
     x, _ = collate(ds, list(range(min(2, len(ds)))))
+    if model.spec.task == "detection" and data.task != "detection":
+        raise EdgecError(f"the {role} ({model.arch}) is a {model.spec.task} model but the data is a {data.task} task")
+    if data.task == "detection":
+        return _preflight_detection(model, data, _probe(model, x, device, role, whole=True), role)
     if data.task == "causal_lm":  # token ids 0 first: the vocabulary check comes before an embedding lookup fails
         check_fits(data, model.spec, f"the {role} ({model.arch})")  # e.g. blocks longer than the model's maximum
         _preflight_lm(model, data, _probe(model, tuple(torch.zeros_like(t) for t in _args(x)), device, role),
@@ -176,18 +208,44 @@ def preflight(model: Model, data, ds: Dataset, device: torch.device, role: str) 
                              f"{want} target(s) per example")
 
 
-def _probe(model: Model, x, device: torch.device, role: str) -> torch.Tensor:
-    """The model's first output on ``x`` in eval mode; a failure is one line naming the shapes."""
+def _probe(model: Model, x, device: torch.device, role: str, whole: bool = False):
+    """The model's first output (``whole``: all its outputs) on ``x`` in eval mode; a failure is one line
+    naming the shapes."""
     gm = model.gm
     gm.eval()
     try:
         with torch.no_grad():
-            return first_output(gm(*_args(_to(x, device))))
+            out = gm(*_args(_to(x, device)))
+            return out if whole else first_output(out)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
         shape = [list(t.shape) for t in _args(x)]
         expects = [i["shape"] for i in model.spec.to_json()["inputs"]]
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise EdgecError(f"the {role} ({model.arch}) cannot run on this data: inputs {shape} vs expected {expects} ({msg})") from None
+
+
+def _preflight_detection(model: Model, data, out, role: str) -> int:
+    """A detection model outputs ``(logits [B, Q, C], boxes [B, Q, 4])`` with C the data's classes; returns Q
+    (checked against the spec's ``queries`` when it has one) and refuses data with more objects than Q."""
+    shapes = [list(o.shape) for o in out] if isinstance(out, (tuple, list)) else [list(out.shape)]
+    ok = isinstance(out, (tuple, list)) and len(out) >= 2 and out[0].ndim == 3 and out[1].ndim == 3 \
+        and out[1].shape[-1] == 4 and out[0].shape[:2] == out[1].shape[:2]
+    if not ok:
+        raise EdgecError(f"the {role} ({model.arch}) outputs {shapes}; a detection model must output (logits "
+                         "[batch, queries, classes], boxes [batch, queries, 4] as cx, cy, w, h in [0, 1])")
+    queries, classes = int(out[0].shape[1]), int(out[0].shape[2])
+    if classes != data.num_classes:
+        raise EdgecError(f"the {role} ({model.arch}) scores {classes} classes but the data has {data.num_classes}; "
+                         f"create the model with num_classes={data.num_classes}")
+    spec_q = (model.spec.extra or {}).get("queries")
+    if isinstance(spec_q, int) and spec_q != queries:
+        raise EdgecError(f"the {role} ({model.arch}) outputs {queries} queries at inference but its spec says "
+                         f"{spec_q}")
+    most = (data.meta or {}).get("max_objects") if isinstance(data.meta, dict) else None
+    if isinstance(most, int) and most > queries:
+        raise EdgecError(f"the data has images with up to {most} objects but the {role} ({model.arch}) has "
+                         f"{queries} queries; each object needs its own query: create it with queries >= {most}")
+    return queries
 
 
 def _preflight_lm(model: Model, data, out: torch.Tensor, x: torch.Tensor, role: str) -> None:
@@ -398,6 +456,7 @@ class _Nets:
     binary: bool = False
     net: torch.nn.Module | None = None  # fgm or gm, DDP-wrapped when distributed
     taps: dict | None = None
+    queries: int | None = None  # detection: the student's query count at inference (train: groups × queries)
 
 
 @dataclass
@@ -501,7 +560,7 @@ def _prepare_nets(model: Model, teacher: Model | None, data, val_ds: Dataset, de
     graphs when ``distill == "off"``, and the binary supervision settings."""
     student = model.clone()
     nets = _Nets(student, student.gm.to(dev))
-    preflight(student, data, val_ds, dev, "model")
+    nets.queries = preflight(student, data, val_ds, dev, "model")
     if teacher is not None:
         tmodel = teacher.clone()
         nets.tgm = tmodel.gm.to(dev).eval()
@@ -707,12 +766,16 @@ def _loss(run: _Run, x, y) -> tuple[torch.Tensor, dict]:
     sfeat = None
     if nets.fgm is not None:
         out, sfeat = out
-    pred = first_output(out)
-    tpred, tfeat = _teacher_forward(nets, x)
+    pred = model_output(out, run.data.task)
+    tpred, tfeat = _teacher_forward(nets, x, run.data.task)
     kd_pred = tpred if (run.mode == "logits" or run.kd_weight > 0) else None
-    loss, parts = combined_loss(pred, y, run.data.task, kd_pred, run.kd_weight, run.hyper["kd_temperature"])
+    loss, parts = combined_loss(pred, y, run.data.task, kd_pred, run.kd_weight, run.hyper["kd_temperature"],
+                                queries=nets.queries)
     if nets.fgm is not None:
-        loff, per_layer = DS.off_loss(dict(zip(nets.layers, sfeat)), dict(zip(nets.layers, tfeat)), nets.layers)
+        sdict, tdict = dict(zip(nets.layers, sfeat)), dict(zip(nets.layers, tfeat))
+        if run.data.task == "detection":  # Group DETR: the train-mode student's extra query groups
+            sdict = group0_features(sdict, tdict, group_count(pred, nets.queries))
+        loff, per_layer = DS.off_loss(sdict, tdict, nets.layers)
         loss = loss + run.opts["off_weight"] * loff
         parts["off"] = loff.detach()
         parts |= {f"off:{n}": v for n, v in per_layer.items()}
@@ -728,7 +791,7 @@ def _loss(run: _Run, x, y) -> tuple[torch.Tensor, dict]:
     return loss, parts
 
 
-def _teacher_forward(nets: _Nets, x) -> tuple[torch.Tensor | None, tuple | None]:
+def _teacher_forward(nets: _Nets, x, task: str) -> tuple[torch.Tensor | tuple | None, tuple | None]:
     """The frozen teacher's predictions (and OFF features) for a batch; ``(None, None)`` without a teacher."""
     if nets.tgm is None:
         return None, None
@@ -738,19 +801,19 @@ def _teacher_forward(nets: _Nets, x) -> tuple[torch.Tensor | None, tuple | None]
             tout, tfeat = nets.tfgm(*_args(x))
         else:
             tout = nets.tgm(*_args(x))
-        tpred = first_output(tout)
+        tpred = model_output(tout, task)
     return tpred, tfeat
 
 
-def _add_binary_terms(run: _Run, loss: torch.Tensor, parts: dict, pred: torch.Tensor, x, y) -> torch.Tensor:
+def _add_binary_terms(run: _Run, loss: torch.Tensor, parts: dict, pred, x, y) -> torch.Tensor:
     """``loss + λ1·task(real network) + λ2·mean(1 − cos(y_b, y_r))``; the cosine term reads the binary layers'
     outputs of the forward just run, so it is taken before the real-mode forward."""
     nets = run.nets
-    aux = binary_aux_loss(nets.gm, lambda2=1.0).to(pred.device)  # mean over binary layers of 1 − cos
+    aux = binary_aux_loss(nets.gm, lambda2=1.0).to(loss.device)  # mean over binary layers of 1 − cos
     with real_mode(nets.gm):
         rout = nets.net(*_args(x))
-    rpred = first_output(rout[0] if nets.fgm is not None else rout)
-    lreal = task_loss(rpred, y, run.data.task)
+    rpred = model_output(rout[0] if nets.fgm is not None else rout, run.data.task)
+    lreal = task_loss(rpred, y, run.data.task, queries=nets.queries)
     lam1, lam2 = run.opts["binary"]
     loss = loss + lam1 * lreal + lam2 * aux
     parts |= {"real": lreal.detach(), "aux": aux.detach()}

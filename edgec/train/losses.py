@@ -1,6 +1,6 @@
-"""Training losses: the task loss (cross-entropy / MSE), logits distillation (Hinton et al. 2015, see
-docs/methods.md#logits-distillation) and :class:`FeatureTap`, which records leaf-module outputs for an
-``extra_loss``.
+"""Training losses: the task loss (cross-entropy / MSE / the set-prediction loss of detection, see
+:mod:`edgec.train.detection`), logits distillation (Hinton et al. 2015, see docs/methods.md#logits-distillation)
+and :class:`FeatureTap`, which records leaf-module outputs for an ``extra_loss``.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from edgec.core.errors import EdgecError
+from edgec.train.detection import detection_kd_loss, detection_loss, group_count
 
 
 def first_output(out) -> torch.Tensor:
@@ -21,9 +22,26 @@ def first_output(out) -> torch.Tensor:
     return out
 
 
-def task_loss(pred: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+def model_output(out, task: str):
+    """What the task loss takes from a model's output: ``(logits, boxes)`` for detection (the first two outputs),
+    else the first output (:func:`first_output`)."""
+    if task == "detection":
+        if isinstance(out, (tuple, list)) and len(out) >= 2:
+            return tuple(out[:2])
+        return out  # refused by the loss with one line naming what the model outputs
+    return first_output(out)
+
+
+def task_loss(pred, target: torch.Tensor, task: str, reduction: str = "mean", *,
+              queries: int | None = None) -> torch.Tensor:
     """Cross-entropy (classification), MSE (regression) or next-token cross-entropy (causal_lm: logits
-    [B, T, V] against token ids [B, T], over all B·T positions; "mean" is per token, "sum" the total NLL)."""
+    [B, T, V] against token ids [B, T], over all B·T positions; "mean" is per token, "sum" the total NLL).
+    Detection: ``pred = (logits, boxes)`` (:func:`model_output`), LW-DETR's loss
+    (:func:`edgec.train.detection.detection_loss`) over N / ``queries`` query groups (one group when
+    ``queries`` is None); "mean" is normalised by the number of objects, "sum" is not."""
+    if task == "detection":
+        groups = group_count(pred, queries)
+        return detection_loss(pred, target, groups, num_boxes=1.0 if reduction == "sum" else None)
     if task == "classification":
         return F.cross_entropy(pred, target, reduction=reduction)
     if task == "causal_lm":
@@ -49,9 +67,14 @@ def as_target_shape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return pred.reshape(target.shape)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0, task: str = "classification") -> torch.Tensor:
+def kd_loss(student, teacher, temperature: float = 2.0, task: str = "classification", *,
+            queries: int | None = None) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` averaged over the batch (MSE for regression); for
-    causal_lm over every token position (logits [B, T, V]: the mean of the B·T per-position terms)."""
+    causal_lm over every token position (logits [B, T, V]: the mean of the B·T per-position terms); for
+    detection (``(logits, boxes)`` pairs) the set-matched distillation of
+    :func:`edgec.train.detection.detection_kd_loss` over N / ``queries`` student query groups."""
+    if task == "detection":
+        return detection_kd_loss(student, teacher, group_count(student, queries), temperature)
     teacher = teacher.detach()
     if task == "causal_lm":
         if student.ndim != 3 or teacher.shape != student.shape:
@@ -67,12 +90,13 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2
 
 
 def combined_loss(pred, target, task: str, teacher_pred=None, kd_weight: float = 0.5,
-                  kd_temperature: float = 2.0) -> tuple[torch.Tensor, dict]:
-    """Total loss and its parts (floats, for logging): ``(1 − w)·task + w·kd`` with a teacher, else task."""
-    lt = task_loss(pred, target, task)
+                  kd_temperature: float = 2.0, *, queries: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Total loss and its parts (floats, for logging): ``(1 − w)·task + w·kd`` with a teacher, else task.
+    ``queries``: a detection model's query count at inference (:func:`task_loss`)."""
+    lt = task_loss(pred, target, task, queries=queries)
     if teacher_pred is None:
         return lt, {"task": lt.detach()}
-    lk = kd_loss(pred, teacher_pred, kd_temperature, task)
+    lk = kd_loss(pred, teacher_pred, kd_temperature, task, queries=queries)
     w = float(kd_weight)
     return (1.0 - w) * lt + w * lk, {"task": lt.detach(), "kd": lk.detach()}
 

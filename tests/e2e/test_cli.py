@@ -25,7 +25,7 @@ def test_help_and_version_do_not_import_torch(args):
 
 def test_zoo_list_json():
     rows = json.loads(run_cli("zoo", "list", "--json", check=0).stdout)["models"]
-    assert {r["name"] for r in rows} == {"convtransformer", "conformer", "hafformer", "resnet", "mobilenet", "bert", "llama"}
+    assert {r["name"] for r in rows} == {"convtransformer", "conformer", "hafformer", "speechformer", "resnet", "mobilenet", "bert", "llama", "lwdetr"}
     assert all(r["params"] > 10_000 for r in rows)
 
 

@@ -18,7 +18,10 @@ from edgec.passes.hrf import FoldHRF, HRFScaffold, find_ffns
 
 TOL = 1e-5
 # arch -> (number of FFNs, number of first-linear modules an HRF feeds per FFN)
-ZOO_FFNS = {"convtransformer": (3, 1), "conformer": (4, 1), "hafformer": (4, 2), "bert": (2, 1)}  # two encoder FFNs; the pooler → tanh → classifier head is not an FFN
+# bert: two encoder FFNs (the pooler → tanh → classifier head is not an FFN); lwdetr: 4 encoder, 3 decoder FFNs and
+# the d → d → d part of each of the 3 box heads
+ZOO_FFNS = {"convtransformer": (3, 1), "conformer": (4, 1), "hafformer": (4, 2), "bert": (2, 1), "speechformer": (6, 1),
+            "lwdetr": (10, 1)}
 
 
 @pytest.fixture(scope="module")

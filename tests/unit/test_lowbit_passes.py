@@ -247,12 +247,15 @@ def test_tied_layers_are_not_selected():
 def test_params_recorded_and_validated():
     assert STTNScaffold().record()["params"] == {
         "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
+        "last_layer": "heads",
         "seed": 0, "clip": 1.96}
     assert DLTScaffold().record()["params"] == {
         "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
+        "last_layer": "heads",
         "group_size": 128, "shift_init": "zero", "clip": 1.5}
     assert BinaryScaffold(latent_weight="0.3,1").record()["params"] == {
         "activations": "none", "include": ["*"], "exclude": [], "keep_first_last": True, "first_layer": "input",
+        "last_layer": "heads",
         "latent_weight": [0.3, 1.0], "clip": 1.0}
     for bad in ({"activations": "binary"}, {"include": [""]}, {"keep_first_last": "yes"}, {"seed": 1.5},
                 {"first_layer": "first"}):
