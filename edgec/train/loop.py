@@ -244,7 +244,7 @@ def _preflight_detection(model: Model, data, out, role: str) -> int:
     most = (data.meta or {}).get("max_objects") if isinstance(data.meta, dict) else None
     if isinstance(most, int) and most > queries:
         raise EdgecError(f"the data has images with up to {most} objects but the {role} ({model.arch}) has "
-                         f"{queries} queries; each object needs its own query: create it with queries >= {most}")
+                         f"{queries} queries; each object needs its own query: create it with num_queries >= {most}")
     return queries
 
 
