@@ -69,10 +69,14 @@ class MultiHeadSelfAttention(nn.Module):
         q = self._heads(self.q_proj(x), batch)
         k = self._heads(self.k_proj(x), batch)
         v = self._heads(self.v_proj(x), batch)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        scores = self._mask(torch.matmul(q, k.transpose(-2, -1)) * self.scale, x)
         attn = self.attn_dropout(torch.softmax(scores, dim=-1))
         out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
         return self.out_proj(out)
+
+    def _mask(self, scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The attention scores a subclass restricts (e.g. to a window); here all keys are visible."""
+        return scores
 
 
 class SinusoidalPositionalEncoding(nn.Module):

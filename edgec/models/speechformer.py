@@ -62,17 +62,8 @@ class WindowedSelfAttention(MultiHeadSelfAttention):
             raise ValueError(f"attention window must be a positive odd number of tokens, got {window}")
         self.window = window
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.size(0)
-        q = self._heads(self.q_proj(x), batch)
-        k = self._heads(self.k_proj(x), batch)
-        v = self._heads(self.v_proj(x), batch)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-        if self.window is not None:
-            scores = scores + band_bias(x, self.window // 2)
-        attn = self.attn_dropout(torch.softmax(scores, dim=-1))
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
-        return self.out_proj(out)
+    def _mask(self, scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scores if self.window is None else scores + band_bias(x, self.window // 2)
 
 
 class SpeechFormerLayer(nn.Module):

@@ -147,6 +147,15 @@ def _is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, LowBitLinear)) or (isinstance(m, LatentLayer) and m.op == "linear")
 
 
+def _weight_holder(node, modules: dict, params: dict) -> bool:
+    """A graph node that holds weights: a call of a module with a matrix-like weight (embedding tables, recurrent
+    layers, Conv/Linear and low-bit layers) or a parameter of 2 or more dims read directly by the graph."""
+    key = str(node.target)
+    if node.op == "call_module":
+        return key in modules and has_matrix_weight(modules[key])
+    return node.op == "get_attr" and key in params and params[key].dim() >= 2
+
+
 def weighted_ancestors(gm: nn.Module, name: str) -> list[str]:
     """The weight holders on the paths from the model inputs to the first call of module ``name``, in graph
     order: modules with a matrix-like weight (embedding tables, recurrent layers, Conv/Linear and low-bit
@@ -163,9 +172,7 @@ def weighted_ancestors(gm: nn.Module, name: str) -> list[str]:
         if node in seen:
             continue
         seen.add(node)
-        key = str(node.target)
-        layer = node.op == "call_module" and key in modules and has_matrix_weight(modules[key])
-        if layer or (node.op == "get_attr" and key in params and params[key].dim() >= 2):
+        if _weight_holder(node, modules, params):
             found.add(node)
         stack.extend(node.all_input_nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -191,9 +198,7 @@ def output_heads(gm: nn.Module, layer_names: set[str]) -> list[tuple[int, str | 
             if node in seen:
                 continue
             seen.add(node)
-            key = str(node.target)
-            layer = node.op == "call_module" and key in modules and has_matrix_weight(modules[key])
-            if layer or (node.op == "get_attr" and key in params and params[key].dim() >= 2):
+            if _weight_holder(node, modules, params):
                 found.append(node)
                 continue
             stack.extend(node.all_input_nodes)
